@@ -1,0 +1,1 @@
+"""Code shared by the pFedMMA ServerApp and ClientApp: model, adapters, roles, data, config."""

@@ -1,0 +1,102 @@
+"""Build a frozen open_clip CLIP from a (model name, pretrained) pair.
+
+`pretrained` is one of: an open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``...),
+a path to a local checkpoint file, or empty / ``"none"`` for random initialisation
+(tests and the offline default).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Project model configs (small towers for the offline miniature) live beside this file;
+# registering them makes them ordinary open_clip model names.
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+NO_PRETRAINED = ("", "none")
+
+
+@dataclass(frozen=True)
+class ClipBundle:
+    """A frozen CLIP with what classification needs besides the weights."""
+
+    model: open_clip.CLIP
+    tokenizer: open_clip.tokenizer.SimpleTokenizer
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def available_models() -> list[str]:
+    return open_clip.list_models()
+
+
+def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, bool]:
+    """Return (open_clip pretrained argument, force_quick_gelu)."""
+    if pretrained.lower() in NO_PRETRAINED:
+        return None, False
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser()), False
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        looks_like_path = any(sep in pretrained for sep in ("/", "\\", "."))
+        if looks_like_path:
+            raise FileNotFoundError(
+                f"pretrained={pretrained!r}: no such checkpoint file "
+                f"(and not an open_clip tag of {model_name!r})"
+            )
+        raise ValueError(
+            f"pretrained={pretrained!r} is not a tag of model {model_name!r}; "
+            f"valid tags: {sorted(tags) or 'none'}, a checkpoint file path, or '' for random init"
+        )
+    # OpenAI's weights were trained with QuickGELU; loading them into a GELU model runs
+    # without error but every activation is subtly wrong.
+    quick_gelu = pretrained == "openai" and not model_name.endswith("-quickgelu")
+    return pretrained, quick_gelu
+
+
+def build_clip(
+    model_name: str, pretrained: str = "", device: str | torch.device = "cpu"
+) -> ClipBundle:
+    """Create the CLIP, load its weights and freeze every parameter."""
+    models = available_models()
+    if model_name not in models:
+        raise ValueError(f"model-name={model_name!r} is unknown; valid names: {models}")
+    weights, quick_gelu = _resolve_pretrained(model_name, pretrained)
+    model = open_clip.create_model(
+        model_name,
+        pretrained=weights,
+        device=device,
+        force_quick_gelu=quick_gelu,
+        require_pretrained=weights is not None,
+    )
+    if not isinstance(model, open_clip.CLIP):
+        raise ValueError(
+            f"model-name={model_name!r} builds {type(model).__name__}; "
+            "pFedMMA needs an open_clip CLIP with a ViT image tower and a text transformer"
+        )
+    freeze(model)
+    model.eval()
+    cfg = model.visual.preprocess_cfg
+    size = model.visual.image_size
+    return ClipBundle(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        image_size=size[0] if isinstance(size, tuple) else int(size),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+    )
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
