@@ -126,11 +126,18 @@ def _tower_blocks(model: CLIP) -> dict[str, nn.ModuleList]:
     return {"text": model.transformer.resblocks, "image": model.visual.transformer.resblocks}
 
 
-def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float) -> MMAAdapters:
+def seeded_adapters(blocks: Sequence[int], d_text: int, d_image: int, rank: int, seed: int) -> MMAAdapters:
+    """Adapters initialised from ``seed`` alone, so every client (and the server) agrees."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MMAAdapters(blocks, d_text=d_text, d_image=d_image, rank=rank)
+
+
+def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float, seed: int = 0) -> MMAAdapters:
     """Wrap blocks ``start..end`` (1-based, inclusive) of both towers; returns the adapters.
 
-    The adapters are registered on the model as ``model.mma``. Initialisation draws from
-    torch's global RNG: seed it first so every client starts from the same weights.
+    The adapters are registered on the model as ``model.mma`` and initialised from ``seed``
+    (independently of torch's global RNG), so all clients start from the same weights.
     """
     towers = _tower_blocks(model)
     depth = min(len(b) for b in towers.values())
@@ -145,7 +152,7 @@ def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float) -> MM
     d_text = model.transformer.width
     d_image = model.visual.transformer.width
     blocks = list(range(start, end + 1))
-    adapters = MMAAdapters(blocks, d_text=d_text, d_image=d_image, rank=rank)
+    adapters = seeded_adapters(blocks, d_text, d_image, rank, seed)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     adapters.to(device=device, dtype=dtype)

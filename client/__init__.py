@@ -1,0 +1,1 @@
+"""The pFedMMA ClientApp: private adapters and local data stay here."""

@@ -1,0 +1,63 @@
+"""What a client process builds once and reuses: the frozen model and its data shard.
+
+In simulation many virtual clients share one Ray worker and its module globals, so caches
+are keyed by everything that determines their content, and nothing client-specific is
+cached in the model: each client overwrites every adapter tensor (global shared ones from
+the message, its own private ones from its store) before using it.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import torch
+
+from common.config import RunConfig
+from common.data.base import ClientData
+from common.data.federated import client_data
+from common.model import ClipBundle
+from common.mma_model import build_mma_clip, initial_adapter_state
+from common.roles import Role
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_fingerprint(cfg: RunConfig) -> dict[str, str]:
+    """What must match for stored private adapters to be reusable."""
+    keys = ("model-name", "pretrained", "adapter-start", "adapter-end", "adapter-rank", "seed")
+    flat = cfg.to_flower()
+    return {k: str(flat[k]) for k in keys}
+
+
+_MODELS: dict[tuple[str, ...], ClipBundle] = {}
+
+
+def shared_model(cfg: RunConfig, device: torch.device) -> ClipBundle:
+    """The frozen CLIP with adapters for this config, built once per process."""
+    key = (*model_fingerprint(cfg).values(), str(cfg.adapter_alpha), str(device))
+    if key not in _MODELS:
+        _MODELS.clear()  # one backbone per process at a time is enough, and memory matters
+        log.info("building %s (pretrained=%r) on %s", cfg.model_name, cfg.pretrained or "none", device)
+        _MODELS[key] = build_mma_clip(cfg, device)
+    return _MODELS[key]
+
+
+@lru_cache(maxsize=2)
+def initial_private(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The common initial private adapters (the same for every client of a run); read-only."""
+    return initial_adapter_state(cfg)[Role.PRIVATE]
+
+
+@lru_cache(maxsize=16)
+def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str, image: tuple) -> ClientData:
+    size, mean, std = image
+    return client_data(cfg, partition_id, num_partitions, size, mean, std, data_dir)
+
+
+def shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str, bundle: ClipBundle) -> ClientData:
+    return _client_data(cfg, partition_id, num_partitions, data_dir, (bundle.image_size, bundle.mean, bundle.std))

@@ -1,0 +1,77 @@
+"""A client's private adapters: kept in ``context.state`` and on the node's disk.
+
+Order of restoration: ``context.state`` (same run, same SuperNode process) -> the node's
+state file (restarted node, resumed experiment) -> the common initialisation. Files are
+written atomically (temporary file, fsync, rename), so a crash mid-write leaves the
+previous file intact, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import RecordDict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from common.arrays import from_record, to_record
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "pfedmma.private-adapters"
+
+
+class PrivateStateError(RuntimeError):
+    """A stored private state exists but does not belong to this model."""
+
+
+class PrivateStateStore:
+    """Private adapters of one client (``partition_id``) in one experiment namespace."""
+
+    def __init__(self, state: RecordDict, directory: Path, namespace: str, partition_id: int, fingerprint: Mapping[str, str]):
+        self.state = state
+        self.path = directory / namespace / f"client-{partition_id}.safetensors"
+        self.fingerprint = dict(fingerprint)
+
+    def load(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The stored private tensors and where they came from ("context", "disk"), or (None, "init")."""
+        if STATE_KEY in self.state.array_records:
+            return from_record(self.state.array_records[STATE_KEY]), "context"
+        if self.path.exists():
+            return self._read_file(), "disk"
+        return None, "init"
+
+    def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.state.array_records[STATE_KEY] = to_record(tensors)
+        self._write_file(tensors)
+
+    def _read_file(self) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        stored = json.loads(meta.get("fingerprint", "{}"))
+        if stored != self.fingerprint:
+            raise PrivateStateError(
+                f"{self.path} holds private adapters for {stored}, but this run has {self.fingerprint}; "
+                "use another experiment-name or state-dir, or remove the file to start from the common init"
+            )
+        return load_file(str(self.path))
+
+    def _write_file(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.path.parent)
+        os.close(fd)
+        try:
+            cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            save_file(cpu, tmp, metadata={"fingerprint": json.dumps(self.fingerprint, sort_keys=True)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

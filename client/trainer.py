@@ -1,0 +1,69 @@
+"""Local training and evaluation of the adapters on one client's data."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from common.classify import PromptClassifier
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(
+    classifier: PromptClassifier,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    device: torch.device,
+    amp: bool = True,
+) -> LoopResult:
+    """``epochs`` passes over ``loader``; text features are recomputed every step."""
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits = classifier.logits(images)  # text adapters train too: no cached text
+                loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            seen += len(labels)
+    if seen == 0:
+        raise ValueError("the training loader yielded no examples")
+    return LoopResult(total_loss / seen, correct / seen, seen // epochs)
+
+
+@torch.no_grad()
+def evaluate(classifier: PromptClassifier, loader: DataLoader, device: torch.device, amp: bool = True) -> LoopResult:
+    """Loss and accuracy with the model's current adapters (text features computed once here)."""
+    total_loss, correct, seen = 0.0, 0, 0
+    with _autocast(device, amp):
+        text_features = classifier.text_features()
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            logits = classifier.logits(images, text_features).float()
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            seen += len(labels)
+    if seen == 0:
+        raise ValueError("the evaluation loader yielded no examples")
+    return LoopResult(total_loss / seen, correct / seen, seen)

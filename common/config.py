@@ -1,0 +1,139 @@
+"""The run configuration: one validated object built from Flower's ``run_config``.
+
+Keys are kebab-case, exactly as in ``[tool.flwr.app.config]`` of ``pyproject.toml`` and in
+``flwr run --run-config``. A bad value fails here, naming the key, the value and what is
+allowed, before any model is built or any message sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+PositiveInt = Field(gt=0)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value is invalid."""
+
+
+class RunConfig(BaseModel):
+    """Every run option. Defaults are the paper's settings where the paper has one."""
+
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    # federation
+    num_server_rounds: int = Field(50, gt=0)  # paper: 50 rounds x 2 local epochs
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_train_nodes: int = Field(2, ge=1)
+    min_evaluate_nodes: int = Field(2, ge=0)
+    min_available_nodes: int = Field(2, ge=1)
+    round_timeout: float = Field(3600.0, gt=0.0)  # seconds to wait for replies per round
+    seed: int = Field(0, ge=0)
+    # model
+    model_name: str = "ViT-B-16"
+    pretrained: str = "openai"
+    adapter_start: int = Field(5, ge=1)  # 1-based, inclusive: paper adapts blocks 5..12
+    adapter_end: int = Field(12, ge=1)
+    adapter_rank: int = Field(32, gt=0)
+    adapter_alpha: float = Field(0.001, gt=0.0)
+    # local training (each client owns its optimiser; paper: SGD 1e-3, m 0.9, wd 5e-4)
+    local_epochs: int = Field(2, gt=0)
+    batch_size: int = Field(32, gt=0)
+    learning_rate: float = Field(0.001, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0005, ge=0.0)
+    crop_scale_min: float = Field(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower scale
+    amp: StrictBool = True  # mixed precision; only used on CUDA
+    # data
+    dataset: Literal["shapes"] = "shapes"
+    data_dir: str = ""
+    num_partitions: int = Field(10, gt=0)
+    shots: int = Field(16, gt=0)
+    test_per_class: int = Field(10, gt=0)  # procedural datasets only
+    # outputs and private state
+    output_dir: str = "runs"
+    experiment_name: str = ""  # names the private-state namespace; "" = this run's id
+    state_dir: str = ""  # default for nodes that set none; "" = ~/.cache/pfedmma/state
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        if self.adapter_end < self.adapter_start:
+            raise ValueError(
+                f"adapter-end={self.adapter_end} is below adapter-start={self.adapter_start}; "
+                "need adapter-start <= adapter-end"
+            )
+        if self.min_train_nodes > self.min_available_nodes:
+            raise ValueError(
+                f"min-train-nodes={self.min_train_nodes} exceeds "
+                f"min-available-nodes={self.min_available_nodes}"
+            )
+        return self
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Validate Flower's ``context.run_config``; errors name key, value and rule."""
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as err:
+            raise ConfigError(_describe(err, run_config)) from None
+
+    def to_flower(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+class NodeConfig(BaseModel):
+    """Per-node settings from ``context.node_config`` (``--node-config`` in deployment)."""
+
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="ignore", frozen=True)
+
+    partition_id: int = Field(ge=0)
+    num_partitions: int = Field(gt=0)
+    state_dir: str = ""
+    data_dir: str = ""
+
+    @model_validator(mode="after")
+    def _check_partition(self) -> NodeConfig:
+        if self.partition_id >= self.num_partitions:
+            raise ValueError(
+                f"partition-id={self.partition_id} must be below num-partitions={self.num_partitions}"
+            )
+        return self
+
+    @classmethod
+    def from_flower(cls, node_config: Mapping[str, Any], run: RunConfig) -> NodeConfig:
+        values = {"num-partitions": run.num_partitions, **dict(node_config)}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            raise ConfigError(_describe(err, values, what="node config")) from None
+
+    def resolved_state_dir(self, run: RunConfig) -> Path:
+        chosen = self.state_dir or run.state_dir or "~/.cache/pfedmma/state"
+        return Path(chosen).expanduser()
+
+
+def _describe(err: ValidationError, given: Mapping[str, Any], what: str = "run config") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(combination)"
+        if e["type"] == "extra_forbidden":
+            valid = ", ".join(sorted(_kebab(n) for n in RunConfig.model_fields))
+            lines.append(f"{what}: unknown key {key!r}; valid keys: {valid}")
+        elif e["type"] == "missing":
+            lines.append(f"{what}: required key {key!r} is missing")
+        elif key in given:
+            lines.append(f"{what}: {key}={given[key]!r} is invalid: {e['msg']}")
+        else:
+            lines.append(f"{what}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)

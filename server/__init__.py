@@ -1,0 +1,1 @@
+"""The pFedMMA ServerApp: averages only the shared projections."""
