@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random-init CLIP config and Flower run configs built from pyproject."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end tests that take minutes (run with -m slow)")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def pyproject_run_config() -> dict[str, Any]:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+@pytest.fixture
+def run_config(tmp_path: Path) -> dict[str, Any]:
+    """The app's default run config, made small and pointed at temp dirs."""
+    return {
+        **pyproject_run_config(),
+        "model-name": "pfedmma-tiny",
+        "pretrained": "",
+        "shots": 4,
+        "test-per-class": 2,
+        "batch-size": 16,
+        "num-partitions": 3,
+        "state-dir": str(tmp_path / "state"),
+        "output-dir": str(tmp_path / "runs"),
+    }
+
+
+@pytest.fixture
+def tiny_cfg(run_config: dict[str, Any]) -> RunConfig:
+    return RunConfig.from_flower(run_config)

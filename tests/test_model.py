@@ -1,0 +1,52 @@
+"""Building the frozen CLIP from a (model name, pretrained) pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.model import _resolve_pretrained, build_clip
+
+
+def test_pretrained_file_path_loads_identical_weights(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    source = build_clip("pfedmma-tiny", "").model
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(source.state_dict(), checkpoint)
+
+    loaded = build_clip("pfedmma-tiny", str(checkpoint)).model  # the path users take
+    images, text = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), source.encode_image(images), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_text(text), source.encode_text(text), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # frozen, logit_scale included
+
+
+def test_random_init_differs_from_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    a = build_clip("pfedmma-tiny", "").model
+    torch.manual_seed(2)
+    b = build_clip("pfedmma-tiny", "none").model
+    assert not torch.equal(a.visual.conv1.weight, b.visual.conv1.weight)
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"model-name='ViT-Q-99' is unknown; valid names: \[.*'pfedmma-tiny'.*'ViT-B-16'"):
+        build_clip("ViT-Q-99", "")
+
+
+def test_unknown_tag_lists_valid_tags_and_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"pretrained='opneai' is not a tag of model 'ViT-B-16'; valid tags: \[.*'openai'"):
+        build_clip("ViT-B-16", "opneai")
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        build_clip("pfedmma-tiny", str(missing))
+
+
+def test_openai_weights_get_quick_gelu() -> None:
+    # OpenAI CLIP was trained with QuickGELU (SPEC §1); the tag must switch it on.
+    assert _resolve_pretrained("ViT-B-16", "openai") == ("openai", True)
+    assert _resolve_pretrained("ViT-B-16-quickgelu", "openai") == ("openai", False)
+    assert _resolve_pretrained("ViT-B-16", "") == (None, False)

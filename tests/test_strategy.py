@@ -1,0 +1,110 @@
+"""The server strategy: weighted averaging of shared tensors and reply validation."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from server.strategy import PFedMMA
+from server.validation import specs_of
+
+SHAPES = {"mma.shared.1.linear.weight": (4, 4), "mma.shared.1.linear.bias": (4,)}
+
+
+def _arrays(rng: np.random.Generator, **overrides: np.ndarray | None) -> dict[str, np.ndarray]:
+    arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    for key, value in overrides.items():
+        key = key.replace("__", ".")
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    return arrays
+
+
+def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int = 10) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(node_id), "partition-id": node_id}),
+        }
+    )
+    return Message(content=content, metadata=_metadata(node_id))
+
+
+def _metadata(node_id: int) -> Metadata:
+    return Metadata(
+        run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=1, reply_to_message_id="m",
+        group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
+    )
+
+
+@pytest.fixture
+def strategy() -> PFedMMA:
+    template = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    return PFedMMA(specs_of(template))
+
+
+def test_aggregation_is_example_weighted_mean(strategy: PFedMMA) -> None:
+    rng = np.random.default_rng(0)
+    clients = [_arrays(rng) for _ in range(3)]
+    weights = [5, 20, 75]
+    replies = [_reply(i + 10, a, w) for i, (a, w) in enumerate(zip(clients, weights))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    for key in SHAPES:
+        expected = np.average(np.stack([c[key] for c in clients]), axis=0, weights=weights)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+        assert arrays[key].numpy().dtype == np.float32
+    assert metrics["train-loss"] == pytest.approx(np.average([10, 11, 12], weights=weights))
+    assert "partition-id" not in metrics
+    assert strategy.stats(1).valid == 3 and not strategy.stats(1).rejected
+
+
+BAD_REPLIES = {
+    "extra key": dict(**{"mma__down__text__1__linear__weight": np.ones((4, 4), np.float32)}),
+    "missing key": dict(**{"mma__shared__1__linear__bias": None}),
+    "wrong shape": dict(**{"mma__shared__1__linear__weight": np.ones((4, 5), np.float32)}),
+    "wrong dtype": dict(**{"mma__shared__1__linear__weight": np.ones((4, 4), np.float64)}),
+    "NaN": dict(**{"mma__shared__1__linear__bias": np.array([0, np.nan, 0, 0], np.float32)}),
+    "Inf": dict(**{"mma__shared__1__linear__weight": np.full((4, 4), np.inf, np.float32)}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPLIES))
+def test_invalid_reply_is_rejected_and_not_averaged(strategy: PFedMMA, case: str) -> None:
+    rng = np.random.default_rng(1)
+    good = [_arrays(rng), _arrays(rng)]
+    bad = _arrays(rng, **BAD_REPLIES[case])
+    replies = [_reply(1, good[0], 10), _reply(2, bad, 1000), _reply(3, good[1], 30)]
+    arrays, _ = strategy.aggregate_train(4, replies)
+    assert arrays is not None
+    for key in SHAPES:
+        expected = np.average(np.stack([g[key] for g in good]), axis=0, weights=[10, 30])
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+    stats = strategy.stats(4)
+    assert stats.valid == 2 and list(stats.rejected) == [2]
+
+
+def test_bad_weight_and_error_replies_are_rejected(strategy: PFedMMA) -> None:
+    rng = np.random.default_rng(2)
+    zero_weight = _reply(5, _arrays(rng), num_examples=0)
+    failed = Message(metadata=_metadata(6), error=Error(code=0, reason="CUDA out of memory"))
+    arrays, metrics = strategy.aggregate_train(2, [zero_weight, failed])
+    assert arrays is None and metrics is None  # global state stays unchanged
+    reasons = strategy.stats(2).rejected
+    assert "num-examples=0" in reasons[5]
+    assert any("CUDA out of memory" in r for r in reasons.values())
+
+
+def test_local_accuracy_is_unweighted_mean_over_clients(strategy: PFedMMA) -> None:
+    replies = []
+    for pid, (acc, n) in enumerate([(0.5, 10), (1.0, 1000)]):
+        content = RecordDict({"metrics": MetricRecord({"local-accuracy": acc, "num-examples": n, "partition-id": pid})})
+        replies.append(Message(content=content, metadata=_metadata(pid + 1)))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None and metrics["local-accuracy"] == pytest.approx(0.75)
+    assert strategy.stats(1).local_accuracy == {0: 0.5, 1: 1.0}
