@@ -45,7 +45,7 @@ class ClientJob:
     @classmethod
     def from_context(cls, context: Context) -> ClientJob:
         cfg = RunConfig.from_flower(context.run_config)
-        node = NodeConfig.from_flower(context.node_config, cfg)
+        node = NodeConfig.from_flower(context.node_config)
         device = pick_device()
         bundle = shared_model(cfg, device)
         data = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)

@@ -58,7 +58,6 @@ class RunConfig(BaseModel):
     # data
     dataset: Literal["shapes"] = "shapes"
     data_dir: str = ""
-    num_partitions: int = Field(10, gt=0)
     shots: int = Field(16, gt=0)
     test_per_class: int = Field(10, gt=0)  # procedural datasets only
     # outputs and private state
@@ -111,8 +110,9 @@ class NodeConfig(BaseModel):
         return self
 
     @classmethod
-    def from_flower(cls, node_config: Mapping[str, Any], run: RunConfig) -> NodeConfig:
-        values = {"num-partitions": run.num_partitions, **dict(node_config)}
+    def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
+        """Validate ``context.node_config`` (the simulation sets both partition keys itself)."""
+        values = dict(node_config)
         try:
             return cls.model_validate(values)
         except ValidationError as err:

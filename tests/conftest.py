@@ -15,7 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: end-to-end tests that take minutes (run with -m slow)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
@@ -34,7 +33,6 @@ def run_config(tmp_path: Path) -> dict[str, Any]:
         "shots": 4,
         "test-per-class": 2,
         "batch-size": 16,
-        "num-partitions": 3,
         "state-dir": str(tmp_path / "state"),
         "output-dir": str(tmp_path / "runs"),
     }

@@ -33,10 +33,9 @@ def test_bad_values_are_named(override: dict, message: str) -> None:
 
 
 def test_node_config_partition_checks() -> None:
-    run = RunConfig.from_flower(pyproject_run_config())
-    node = NodeConfig.from_flower({"partition-id": 1, "num-partitions": 3}, run)
+    node = NodeConfig.from_flower({"partition-id": 1, "num-partitions": 3})
     assert (node.partition_id, node.num_partitions) == (1, 3)
     with pytest.raises(ConfigError, match="partition-id=3 must be below num-partitions=3"):
-        NodeConfig.from_flower({"partition-id": 3, "num-partitions": 3}, run)
+        NodeConfig.from_flower({"partition-id": 3, "num-partitions": 3})
     with pytest.raises(ConfigError, match="required key 'partition-id' is missing"):
-        NodeConfig.from_flower({}, run)
+        NodeConfig.from_flower({})
