@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from client.runtime import initial_private, model_fingerprint, pick_device, shard, shared_model
 from client.state_store import PrivateStateStore
@@ -62,16 +62,15 @@ class ClientJob:
         load_role_state(self.bundle.model, Role.PRIVATE, private if private is not None else initial_private(self.cfg))
         return source
 
-    def loader(self, train_split: bool, server_round: int) -> DataLoader:
-        dataset = self.data.train if train_split else self.data.test
+    def loader(self, dataset: Dataset, shuffle: bool, server_round: int) -> DataLoader:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.node.partition_id * 1009 + server_round)
         return DataLoader(
-            dataset, batch_size=self.cfg.batch_size, shuffle=train_split, generator=generator,
+            dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
             pin_memory=self.device.type == "cuda",
         )
 
-    def classifier(self) -> PromptClassifier:
-        return PromptClassifier(self.bundle.model, self.bundle.tokenizer, self.data.class_names, self.device)
+    def classifier(self, class_names: list[str]) -> PromptClassifier:
+        return PromptClassifier(self.bundle.model, self.bundle.tokenizer, class_names, self.device)
 
 
 def _shared_arrays(msg: Message) -> ArrayRecord:
@@ -81,9 +80,13 @@ def _shared_arrays(msg: Message) -> ArrayRecord:
     return next(iter(records.values()))
 
 
-def _round(msg: Message) -> int:
+def _config(msg: Message) -> dict:
     config = msg.content.config_records.get("config")
-    return int(config["server-round"]) if config and "server-round" in config else 0
+    return dict(config) if config else {}
+
+
+def _round(msg: Message) -> int:
+    return int(_config(msg).get("server-round", 0))
 
 
 @app.train()
@@ -94,7 +97,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     log.info("client %d round %d: private adapters from %s", job.node.partition_id, server_round, source)
     model = job.bundle.model
     optimizer = build_optimizer(model, job.cfg.learning_rate, job.cfg.momentum, job.cfg.weight_decay)
-    result = train(job.classifier(), job.loader(True, server_round), optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
+    loader = job.loader(job.data.train, shuffle=True, server_round=server_round)
+    result = train(job.classifier(job.data.class_names), loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
     job.store.save(role_state(model, Role.PRIVATE))
     # The reply is built from the shared role alone: private tensors never enter a Message.
     content = RecordDict(
@@ -106,6 +110,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     "train-loss": result.loss,
                     "train-accuracy": result.accuracy,
                     "partition-id": job.node.partition_id,
+                    "num-partitions": job.node.num_partitions,
                 }
             ),
         }
@@ -115,15 +120,24 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Local accuracy every time; Base/Novel when the server asks for the full protocol."""
     job = ClientJob.from_context(context)
     job.load_adapters(_shared_arrays(msg))
-    result = evaluate(job.classifier(), job.loader(False, _round(msg)), job.device, job.cfg.amp)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "local-accuracy": result.accuracy,
-            "local-loss": result.loss,
-            "partition-id": job.node.partition_id,
-        }
-    )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    full = bool(_config(msg).get("full-eval", True))
+    wanted = ("local", "val", "base", "novel") if full else ("local", "val")
+    metrics = MetricRecord({"partition-id": job.node.partition_id})
+    for name in wanted:
+        if name not in job.data.evals:
+            continue
+        eval_set = job.data.evals[name]
+        loader = job.loader(eval_set.dataset, shuffle=False, server_round=_round(msg))
+        # A fresh classifier per set: text features come from this client's current adapters.
+        result = evaluate(job.classifier(eval_set.class_names), loader, job.device, job.cfg.amp)
+        metrics[f"{name}-accuracy"] = result.accuracy
+        if name == "local":
+            metrics["local-loss"] = result.loss
+            metrics["num-examples"] = result.num_examples
+    content = RecordDict({"metrics": metrics})
+    if job.data.domain is not None:
+        content["client"] = ConfigRecord({"domain": job.data.domain})
+    return Message(content=content, reply_to=msg)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 PositiveInt = Field(gt=0)
 
@@ -55,15 +55,36 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0005, ge=0.0)
     crop_scale_min: float = Field(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower scale
     amp: StrictBool = True  # mixed precision; only used on CUDA
-    # data
-    dataset: Literal["shapes"] = "shapes"
-    data_dir: str = ""
-    shots: int = Field(16, gt=0)
+    # data and partition (SPEC §3)
+    dataset: str = "shapes"  # a name from common.data.registry.DATASET_NAMES
+    data_dir: str = ""  # default for nodes that set none
+    dataset_domains: str = ""  # comma-separated subset of domains (shapes: styles); "" = default
+    partition: Literal["base-to-novel", "dirichlet", "pathological", "domain"] = "base-to-novel"
+    shots: int = Field(16, ge=0)  # K shots per class per client; 0 = every image
+    dirichlet_beta: float = Field(0.5, gt=0.0)
+    classes_per_client: int = Field(2, gt=0)  # pathological split
     test_per_class: int = Field(10, gt=0)  # procedural datasets only
+    # evaluation (SPEC §4)
+    eval_every: int = Field(1, ge=0)  # Base/Novel every N rounds and at the end; 0 = end only
+    model_selection: Literal["last", "val"] = "last"  # never on test data (SPEC §6.4)
     # outputs and private state
-    output_dir: str = "runs"
+    output_dir: str = "~/pfedmma-runs"  # the ServerApp resolves it on its own machine
     experiment_name: str = ""  # names the private-state namespace; "" = this run's id
     state_dir: str = ""  # default for nodes that set none; "" = ~/.cache/pfedmma/state
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from common.data.registry import DATASET_NAMES, normalize_name
+
+        try:
+            return normalize_name(name)
+        except ValueError:
+            raise ValueError(f"unknown dataset; valid: {', '.join(DATASET_NAMES)}") from None
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(d.strip() for d in self.dataset_domains.split(",") if d.strip())
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
@@ -133,7 +154,7 @@ def _describe(err: ValidationError, given: Mapping[str, Any], what: str = "run c
         elif e["type"] == "missing":
             lines.append(f"{what}: required key {key!r} is missing")
         elif key in given:
-            lines.append(f"{what}: {key}={given[key]!r} is invalid: {e['msg']}")
+            lines.append(f"{what}: {key}={given[key]!r} is invalid: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{what}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)

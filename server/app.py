@@ -13,6 +13,7 @@ from common.arrays import to_record
 from common.config import RunConfig
 from common.mma_model import initial_adapter_state
 from common.roles import Role
+from server.partition_record import PartitionRecorder
 from server.progress import RoundReporter
 from server.run_dir import RunDirectory
 from server.strategy import PFedMMA
@@ -31,6 +32,8 @@ def main(grid: Grid, context: Context) -> None:
     initial = to_record(initial_adapter_state(cfg)[Role.SHARED])
     strategy = PFedMMA(
         specs_of(initial),
+        num_rounds=cfg.num_server_rounds,
+        eval_every=cfg.eval_every,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
@@ -41,12 +44,18 @@ def main(grid: Grid, context: Context) -> None:
     num_shared = sum(math.prod(a.shape) for a in initial.values())
     print(f"[pfedmma] run {context.run_id}: {cfg.num_server_rounds} rounds, {cfg.model_name}, "
           f"{len(initial)} shared tensors ({num_shared:,} values); writing {run_dir.path}", flush=True)
-    reporter = RoundReporter(strategy, run_dir, cfg.num_server_rounds)
+    reporter = RoundReporter(strategy, run_dir, cfg.num_server_rounds, cfg.model_selection)
+    partition = PartitionRecorder(cfg, strategy, run_dir)
+
+    def end_round(server_round, arrays):  # type: ignore[no-untyped-def]
+        partition.maybe_record(server_round)
+        return reporter.end_round(server_round, arrays)
+
     strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
-        evaluate_fn=reporter.end_round,
+        evaluate_fn=end_round,
     )
     reporter.finish()

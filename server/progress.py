@@ -1,4 +1,5 @@
-"""End-of-round bookkeeping: one printed line, one metrics row, one global checkpoint."""
+"""End-of-round bookkeeping: one printed line, one metrics row, one global checkpoint;
+and at the end the evaluation tables (SPEC §4) of the selected round."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 
 from common.arrays import from_record
+from common.metrics import per_domain_means, summarize
 from server.run_dir import RunDirectory
-from server.strategy import PFedMMA
+from server.strategy import PFedMMA, RoundStats
 
 
 class RoundReporter:
     """Called by the strategy loop after each round (as its ``evaluate_fn``)."""
 
-    def __init__(self, strategy: PFedMMA, run_dir: RunDirectory, num_rounds: int) -> None:
+    def __init__(self, strategy: PFedMMA, run_dir: RunDirectory, num_rounds: int, model_selection: str = "last") -> None:
         self.strategy = strategy
         self.run_dir = run_dir
         self.num_rounds = num_rounds
+        self.model_selection = model_selection
         self.started = self.last = time.monotonic()
         self.history: list[dict[str, Any]] = []
 
@@ -28,13 +31,16 @@ class RoundReporter:
             return None
         now = time.monotonic()
         stats = self.strategy.stats(server_round)
-        local = stats.local_accuracy
+        summary = summarize(stats.evaluation) if stats.evaluation else {}
         row = {
             "round": server_round,
             "train-loss": stats.train_metrics.get("train-loss"),
             "train-accuracy": stats.train_metrics.get("train-accuracy"),
-            "local-accuracy": sum(local.values()) / len(local) if local else None,
-            "local-accuracy-per-client": {str(k): v for k, v in sorted(local.items())},
+            "local-accuracy": summary.get("local"),
+            "full-eval": stats.full_eval,
+            "evaluation": {k: v for k, v in summary.items()},
+            "per-client": {str(c): v for c, v in sorted(stats.evaluation.items())},
+            "per-domain-local": per_domain_means(stats.evaluation, stats.domains) if stats.domains else {},
             "sampled": stats.sampled_train,
             "valid-replies": stats.valid,
             "rejected-replies": len(stats.rejected),
@@ -48,10 +54,31 @@ class RoundReporter:
         print(_progress_line(row, self.num_rounds), flush=True)
         return None
 
+    def selected_round(self) -> int | None:
+        """The round whose results are reported: the last full evaluation, or best mean val accuracy."""
+        candidates = [r for r in self.history if r["full-eval"] and r["per-client"]]
+        if not candidates:
+            return None
+        if self.model_selection == "val":
+            best = max(candidates, key=lambda r: (r["evaluation"].get("val", -1.0), r["round"]))
+            return int(best["round"])
+        return int(candidates[-1]["round"])
+
     def finish(self) -> dict[str, Any]:
+        chosen = self.selected_round()
+        final: dict[str, Any] = {}
+        if chosen is not None:
+            stats: RoundStats = self.strategy.stats(chosen)
+            final = self.run_dir.write_evaluation(chosen, stats.evaluation, stats.domains, self.model_selection)
+            print(f"[pfedmma] evaluation at round {chosen} (model selection: {self.model_selection}):", flush=True)
+            print(final["table"], flush=True)
         last = self.history[-1] if self.history else {}
         summary = {
             "rounds-completed": len(self.history),
+            "model-selection": self.model_selection,
+            "selected-round": chosen,
+            "evaluation": final.get("summary", {}),
+            "per-domain-local": final.get("per-domain-local", {}),
             "final-local-accuracy": last.get("local-accuracy"),
             "final-train-loss": last.get("train-loss"),
             "total-bytes-received": sum(r["bytes-received"] for r in self.history),
@@ -60,8 +87,7 @@ class RoundReporter:
             "run-dir": str(self.run_dir.path),
         }
         self.run_dir.write_summary(summary)
-        print(f"[pfedmma] done: {summary['rounds-completed']} rounds, final local accuracy "
-              f"{_fmt(summary['final-local-accuracy'])}; results in {self.run_dir.path}", flush=True)
+        print(f"[pfedmma] done: {summary['rounds-completed']} rounds; results in {self.run_dir.path}", flush=True)
         return summary
 
 
@@ -70,9 +96,11 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
+    ev = row["evaluation"]
+    extra = "".join(f" {name} {_fmt(ev[key])}" for key, name in (("base", "base"), ("novel", "novel"), ("hm3", "HM3")) if key in ev)
     return (
         f"[pfedmma] round {row['round']}/{num_rounds} | train loss {_fmt(row['train-loss'])} "
-        f"acc {_fmt(row['train-accuracy'])} | local acc {_fmt(row['local-accuracy'])} | "
+        f"acc {_fmt(row['train-accuracy'])} | local {_fmt(row['local-accuracy'])}{extra} | "
         f"replies {row['valid-replies']}/{row['sampled']} ok, {row['rejected-replies']} rejected | "
         f"{row['bytes-received'] / 1024:.1f} KiB in | {row['seconds']:.1f}s"
     )

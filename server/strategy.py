@@ -6,14 +6,15 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from common.metrics import summarize
 from server.validation import TensorSpec, reply_bytes, reply_problem
 
 log = logging.getLogger(__name__)
 
-PER_CLIENT_KEYS = ("partition-id",)  # identifiers, not quantities to average
+PER_CLIENT_KEYS = ("partition-id", "num-partitions")  # identifiers, not quantities to average
 
 
 @dataclass
@@ -21,11 +22,18 @@ class RoundStats:
     """What one round's replies looked like; the run directory writes it out."""
 
     sampled_train: int = 0
+    num_partitions: set[int] = field(default_factory=set)  # as reported by the clients
     valid: int = 0
     rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
     bytes_received: int = 0
     train_metrics: dict[str, float] = field(default_factory=dict)
-    local_accuracy: dict[int, float] = field(default_factory=dict)  # partition id -> accuracy
+    full_eval: bool = False  # whether Base/Novel were asked for this round
+    evaluation: dict[int, dict[str, float]] = field(default_factory=dict)  # partition id -> metric -> value
+    domains: dict[int, str] = field(default_factory=dict)  # partition id -> domain (feature shift)
+
+    @property
+    def local_accuracy(self) -> dict[int, float]:
+        return {c: row["local"] for c, row in self.evaluation.items() if "local" in row}
 
 
 def _mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -48,11 +56,18 @@ class PFedMMA(FedAvg):
     match it exactly. Local accuracy is reported as the unweighted mean over clients (SPEC §4).
     """
 
-    def __init__(self, shared_specs: Mapping[str, TensorSpec], **kwargs) -> None:
+    def __init__(self, shared_specs: Mapping[str, TensorSpec], num_rounds: int, eval_every: int = 1, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _mean_metrics)
         super().__init__(**kwargs)
         self.shared_specs = dict(shared_specs)
+        self.num_rounds = num_rounds
+        self.eval_every = eval_every
         self.rounds: dict[int, RoundStats] = {}
+
+    def is_full_eval_round(self, server_round: int) -> bool:
+        """The full protocol (Base/Novel) runs every ``eval_every`` rounds and at the end."""
+        every = self.eval_every > 0 and server_round % self.eval_every == 0
+        return every or server_round == self.num_rounds
 
     def stats(self, server_round: int) -> RoundStats:
         return self.rounds.setdefault(server_round, RoundStats())
@@ -76,6 +91,10 @@ class PFedMMA(FedAvg):
                 stats.rejected[msg.metadata.src_node_id] = problem
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
         stats.valid = len(accepted)
+        for msg in accepted:
+            reported = msg.content.metric_records["metrics"].get("num-partitions")
+            if isinstance(reported, int):
+                stats.num_partitions.add(reported)
         if not accepted:
             log.warning("round %d: no valid reply; the global shared state is unchanged", server_round)
             return None, None
@@ -84,19 +103,33 @@ class PFedMMA(FedAvg):
             stats.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return arrays, metrics
 
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        full = self.is_full_eval_round(server_round)
+        self.stats(server_round).full_eval = full
+        config = ConfigRecord({**dict(config), "full-eval": full})
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Per-client accuracies are kept; the aggregate is their unweighted mean (SPEC §4)."""
         stats = self.stats(server_round)
         for msg in replies:
             if msg.has_error():
                 log.warning("round %d: evaluation failed on node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
-            metrics = next(iter(msg.content.metric_records.values()), None)
+            metrics = msg.content.metric_records.get("metrics")
             if metrics is None or "local-accuracy" not in metrics:
                 log.warning("round %d: node %d sent no local-accuracy", server_round, msg.metadata.src_node_id)
                 continue
             client = int(metrics.get("partition-id", msg.metadata.src_node_id))
-            stats.local_accuracy[client] = float(metrics["local-accuracy"])
-        if not stats.local_accuracy:
+            stats.evaluation[client] = {
+                key.removesuffix("-accuracy"): float(value)
+                for key, value in metrics.items()
+                if key.endswith("-accuracy") and isinstance(value, (int, float))
+            }
+            info = msg.content.config_records.get("client")
+            if info is not None and "domain" in info:
+                stats.domains[client] = str(info["domain"])
+        if not stats.evaluation:
             return None
-        values = list(stats.local_accuracy.values())
-        return MetricRecord({"local-accuracy": sum(values) / len(values), "num-clients": len(values)})
+        means = summarize(stats.evaluation)
+        return MetricRecord({**{k if k.startswith("hm") else f"{k}-accuracy": v for k, v in means.items()}, "num-clients": len(stats.evaluation)})

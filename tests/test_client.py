@@ -40,7 +40,7 @@ def test_train_reply_carries_only_shared_tensors(run_config, tiny_cfg, initial) 
             replies.append(from_record(reply.content.array_records["arrays"]))
             assert list(reply.content.array_records) == ["arrays"]
             assert set(reply.content["arrays"]) == set(shared)
-            assert set(reply.content.metric_records["metrics"]) == {"num-examples", "train-loss", "train-accuracy", "partition-id"}
+            assert set(reply.content.metric_records["metrics"]) == {"num-examples", "train-loss", "train-accuracy", "partition-id", "num-partitions"}
             assert not reply.content.config_records
             # No private tensor's values appear anywhere in what the reply puts on the wire.
             blob = wire_bytes(reply)
@@ -104,7 +104,8 @@ def test_evaluate_reply_has_metrics_only(run_config, initial) -> None:
     reply = app(instruction(initial[Role.SHARED], "evaluate", 1, ctx.node_id), ctx)
     assert not reply.content.array_records
     metrics = reply.content.metric_records["metrics"]
-    assert 0.0 <= metrics["local-accuracy"] <= 1.0
+    for name in ("local", "base", "novel"):  # full protocol by default (base-to-novel)
+        assert 0.0 <= metrics[f"{name}-accuracy"] <= 1.0
     assert metrics["num-examples"] > 0
 
 

@@ -32,10 +32,20 @@ def test_flwr_run_three_clients_two_rounds(flwr_home: Path, tmp_path: Path) -> N
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["valid-replies"] == 3 and row["rejected-replies"] == 0
-        assert set(row["local-accuracy-per-client"]) == {"0", "1", "2"}
+        assert set(row["per-client"]) == {"0", "1", "2"}
+        assert all(set(m) == {"local", "base", "novel"} for m in row["per-client"].values())
+        assert {"local", "base", "novel", "hm3", "hm2"} <= set(row["evaluation"])
         assert row["bytes-received"] > 0 and row["train-loss"] > 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds-completed"] == 2
+    assert summary["rounds-completed"] == 2 and summary["selected-round"] == 2
+    assert summary["evaluation"] == rows[-1]["evaluation"]
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert set(evaluation["per-client"]) == {"0", "1", "2"}
+    assert "| **mean** |" in (run_dir / "evaluation.md").read_text()
+    assert (run_dir / "evaluation.csv").read_text().splitlines()[0] == "client,local,base,novel,hm3,hm2"
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert partition["scheme"] == "base-to-novel" and len(partition["clients"]) == 3
+    assert "HM3" in output and "partition (base-to-novel" in output
     config_json = json.loads((run_dir / "config.json").read_text())
     assert config_json["num-server-rounds"] == 2
     states = sorted(p.name for p in (run_dir / "global").iterdir())

@@ -1,5 +1,5 @@
 """Datasets behind one small interface (:class:`ImageSource`) so that real ones plug in."""
 
-from common.data.base import ClientData, ImageSource, LabeledDataset, SplitSources
+from common.data.base import ClientData, EvalSet, ImageSource, LabeledDataset, SplitSources
 
-__all__ = ["ClientData", "ImageSource", "LabeledDataset", "SplitSources"]
+__all__ = ["ClientData", "EvalSet", "ImageSource", "LabeledDataset", "SplitSources"]

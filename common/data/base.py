@@ -74,9 +74,23 @@ class LabeledDataset(Dataset[tuple[torch.Tensor, int]]):
 
 
 @dataclass(frozen=True)
+class EvalSet:
+    """Images to classify among ``class_names`` (labels already index that list)."""
+
+    dataset: LabeledDataset
+    class_names: list[str]
+
+
+@dataclass(frozen=True)
 class ClientData:
-    """What one client trains and evaluates on; ``class_names`` is its classifier."""
+    """What one client trains and evaluates on.
+
+    ``class_names`` is the training classifier; ``evals`` always holds ``"local"`` (the
+    client's own test split) and, depending on the partition, ``"base"``, ``"novel"`` (the
+    full base and novel test sets) and ``"val"`` (the client's own validation split).
+    """
 
     class_names: list[str]
     train: LabeledDataset
-    test: LabeledDataset
+    evals: dict[str, EvalSet]
+    domain: str | None = None

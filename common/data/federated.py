@@ -1,39 +1,89 @@
-"""A client's shard: which images it trains and tests on, and its classifier's classes."""
+"""A client's shard: what it trains on, what it is evaluated on, and with which classes.
+
+The same seeded partition is computed on every node (and on the server, for the record)
+from the dataset's labels alone, so no node needs anyone else's images.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 from common.config import RunConfig
-from common.data.base import ClientData, LabeledDataset, SplitSources
-from common.data.shapes import load_shapes
-from common.partition import base_to_novel, few_shot_indices, indices_of_classes
+from common.data.base import ClientData, EvalSet, ImageSource, LabeledDataset, SplitSources
+from common.data.registry import load_dataset
+from common.partitions import Partition, make_partition
 from common.transforms import Stats, test_transform, train_transform
 
 
 @lru_cache(maxsize=4)
-def load_sources(dataset: str, data_dir: str, test_per_class: int, seed: int) -> SplitSources:
+def load_sources(dataset: str, data_dir: str, domains: tuple[str, ...], test_per_class: int, seed: int) -> SplitSources:
     if dataset == "shapes":
-        return load_shapes(train_per_class=max(64, 2 * test_per_class), test_per_class=test_per_class, seed=seed)
-    raise ValueError(f"dataset={dataset!r} is unknown; valid: ['shapes']")
+        options: dict = {"train_per_class": max(64, 2 * test_per_class), "test_per_class": test_per_class, "seed": seed}
+        if domains:
+            options["styles"] = domains
+        return load_dataset("shapes", **options)
+    return load_dataset(dataset, data_dir, **({"domains": list(domains)} if domains else {}))
+
+
+def sources_for(cfg: RunConfig, data_dir: str = "") -> SplitSources:
+    return load_sources(cfg.dataset, data_dir or cfg.data_dir, cfg.domains, cfg.test_per_class, cfg.seed)
+
+
+@lru_cache(maxsize=4)
+def _partition(cfg: RunConfig, num_clients: int, data_dir: str) -> Partition:
+    sources = sources_for(cfg, data_dir)
+    return make_partition(
+        cfg.partition, sources.train, sources.test, num_clients, cfg.seed,
+        shots=cfg.shots or None, beta=cfg.dirichlet_beta, classes_per_client=cfg.classes_per_client,
+    )
+
+
+def partition_for(cfg: RunConfig, num_clients: int, data_dir: str = "") -> Partition:
+    return _partition(cfg, num_clients, data_dir)
+
+
+def _view(source: ImageSource, indices: list[int], classes: list[int], transform) -> EvalSet:
+    label_map = {c: i for i, c in enumerate(classes)}
+    names = [source.class_names[c] for c in classes]
+    return EvalSet(LabeledDataset(source, indices, transform, label_map), names)
 
 
 def client_data(
     cfg: RunConfig, partition_id: int, num_partitions: int, image_size: int, mean: Stats, std: Stats, data_dir: str = ""
 ) -> ClientData:
-    """Client ``partition_id``'s K-shot training set and local test set (base-to-novel split).
+    """Client ``partition_id``'s training set and evaluation sets.
 
-    The classifier covers all base classes; the local test set is the test images of the
-    client's own classes.
+    Base-to-novel: the classifier covers all base classes; Local = test images of the
+    client's own classes; Base = every base-class test image; Novel = every novel-class
+    test image, classified among the novel class names. Other partitions: the classifier
+    covers every class and only Local (and Val) are defined.
     """
-    sources = load_sources(cfg.dataset, data_dir or cfg.data_dir, cfg.test_per_class, cfg.seed)
-    split = base_to_novel(len(sources.class_names), num_partitions, cfg.seed)
-    own = split.client_classes[partition_id]
-    label_map = {c: i for i, c in enumerate(split.base_classes)}
-    train_idx = few_shot_indices(sources.train.labels, own, cfg.shots, seed=cfg.seed * 100_003 + partition_id)
-    test_idx = indices_of_classes(sources.test.labels, own)
-    return ClientData(
-        class_names=[sources.class_names[c] for c in split.base_classes],
-        train=LabeledDataset(sources.train, train_idx, train_transform(image_size, mean, std, cfg.crop_scale_min), label_map),
-        test=LabeledDataset(sources.test, test_idx, test_transform(image_size, mean, std), label_map),
-    )
+    sources = sources_for(cfg, data_dir)
+    partition = partition_for(cfg, num_partitions, data_dir)
+    mine = partition.clients[partition_id]
+    test_tf = test_transform(image_size, mean, std)
+    train_tf = train_transform(image_size, mean, std, cfg.crop_scale_min)
+    if partition.scheme == "base-to-novel":
+        classes = list(partition.base_classes)
+    else:
+        classes = list(range(len(sources.class_names)))
+    train = _view(sources.train, mine.train_indices, classes, train_tf).dataset
+    evals = {"local": _view(sources.test, mine.test_indices, classes, test_tf)}
+    if partition.scheme == "base-to-novel":
+        evals["base"] = _view(sources.test, _indices_of(sources.test, partition.base_classes), classes, test_tf)
+        novel = list(partition.novel_classes)
+        evals["novel"] = _view(sources.test, _indices_of(sources.test, novel), novel, test_tf)
+    if cfg.model_selection == "val":
+        if sources.val is None:
+            raise ValueError(f"model-selection='val' needs a validation split; dataset {sources.name!r} has none")
+        own = set(mine.classes)
+        val_idx = [i for i, label in enumerate(sources.val.labels) if int(label) in own]
+        if mine.domain is not None and sources.val.domains is not None:
+            val_idx = [i for i in val_idx if sources.val.domains[i] == mine.domain]
+        evals["val"] = _view(sources.val, val_idx, classes, test_tf)
+    return ClientData(class_names=[sources.class_names[c] for c in classes], train=train, evals=evals, domain=mine.domain)
+
+
+def _indices_of(source: ImageSource, classes: list[int]) -> list[int]:
+    wanted = set(classes)
+    return [i for i, label in enumerate(source.labels) if int(label) in wanted]

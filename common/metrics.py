@@ -1,0 +1,77 @@
+"""The evaluation protocol's arithmetic (SPEC §4).
+
+Per client: Local (own test split), Base (full base-class test set), Novel (novel class
+names, full novel test set). Across clients: unweighted means, then the harmonic means of
+those means: HM3 = HM(Local, Base, Novel), which is what the paper's averaged "HM" fits,
+and HM2 = HM(Base, Novel), the usual base-to-novel HM. For domain shift: mean Local per domain.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+METRICS = ("local", "base", "novel")
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("harmonic mean of no values")
+    if any(v < 0 for v in values):
+        raise ValueError(f"harmonic mean needs non-negative values, got {list(values)}")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def summarize(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Unweighted means over clients of every metric present, plus HM3 and HM2 when defined."""
+    summary: dict[str, float] = {}
+    for metric in sorted({m for row in per_client.values() for m in row}):
+        values = [row[metric] for row in per_client.values() if metric in row]
+        summary[metric] = sum(values) / len(values)
+    if all(m in summary for m in METRICS):
+        summary["hm3"] = harmonic_mean([summary["local"], summary["base"], summary["novel"]])
+    if "base" in summary and "novel" in summary:
+        summary["hm2"] = harmonic_mean([summary["base"], summary["novel"]])
+    return summary
+
+
+def per_domain_means(per_client: Mapping[int, Mapping[str, float]], domains: Mapping[int, str], metric: str = "local") -> dict[str, float]:
+    grouped: dict[str, list[float]] = defaultdict(list)
+    for client, row in per_client.items():
+        if metric in row and client in domains:
+            grouped[domains[client]].append(row[metric])
+    return {domain: sum(v) / len(v) for domain, v in sorted(grouped.items())}
+
+
+def markdown_table(per_client: Mapping[int, Mapping[str, float]], summary: Mapping[str, float], domains: Mapping[int, str] | None = None) -> str:
+    """Per-client rows and a mean row, accuracies in percent."""
+    metrics = [m for m in (*METRICS, "val") if m in summary]
+    extra = [m for m in ("hm3", "hm2") if m in summary]
+    head = ["client", *(["domain"] if domains else []), *metrics, *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for client in sorted(per_client):
+        row = per_client[client]
+        cells = [str(client), *([domains.get(client, "")] if domains else [])]
+        cells += [_pct(row.get(m)) for m in metrics] + [""] * len(extra)
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = ["**mean**", *([""] if domains else []), *(_pct(summary.get(m)) for m in (*metrics, *extra))]
+    lines.append("| " + " | ".join(mean) + " |")
+    return "\n".join(lines)
+
+
+def csv_rows(per_client: Mapping[int, Mapping[str, float]], summary: Mapping[str, float]) -> Iterable[list[str]]:
+    columns = [m for m in (*METRICS, "val", "hm3", "hm2") if m in summary]
+    yield ["client", *columns]
+    for client in sorted(per_client):
+        yield [str(client), *(_num(per_client[client].get(m)) for m in columns)]
+    yield ["mean", *(_num(summary.get(m)) for m in columns)]
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
