@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
+PRIVATE_SOURCES = ("init", "context", "disk")
+
 
 @dataclass
 class ClientJob:
@@ -43,13 +45,14 @@ class ClientJob:
     store: PrivateStateStore
 
     @classmethod
-    def from_context(cls, context: Context) -> ClientJob:
+    def from_context(cls, context: Context, namespace: str = "") -> ClientJob:
+        """``namespace`` names the private-state files; the server sends it with each message."""
         cfg = RunConfig.from_flower(context.run_config)
         node = NodeConfig.from_flower(context.node_config)
         device = pick_device()
         bundle = shared_model(cfg, device)
         data = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
-        namespace = cfg.experiment_name or f"run-{context.run_id}"
+        namespace = namespace or cfg.experiment_name or f"run-{context.run_id}"
         store = PrivateStateStore(
             context.state, node.resolved_state_dir(cfg), namespace, node.partition_id, model_fingerprint(cfg)
         )
@@ -91,7 +94,7 @@ def _round(msg: Message) -> int:
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    job = ClientJob.from_context(context)
+    job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
     source = job.load_adapters(_shared_arrays(msg))
     server_round = _round(msg)
     log.info("client %d round %d: private adapters from %s", job.node.partition_id, server_round, source)
@@ -111,6 +114,9 @@ def train_handler(msg: Message, context: Context) -> Message:
                     "train-accuracy": result.accuracy,
                     "partition-id": job.node.partition_id,
                     "num-partitions": job.node.num_partitions,
+                    # Where the private adapters came from (0 init, 1 context.state, 2 disk):
+                    # lets the server see a restarted node resume rather than re-initialise.
+                    "private-source": PRIVATE_SOURCES.index(source),
                 }
             ),
         }
@@ -121,7 +127,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Local accuracy every time; Base/Novel when the server asks for the full protocol."""
-    job = ClientJob.from_context(context)
+    job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
     job.load_adapters(_shared_arrays(msg))
     full = bool(_config(msg).get("full-eval", True))
     wanted = ("local", "val", "base", "novel") if full else ("local", "val")

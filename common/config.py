@@ -71,6 +71,7 @@ class RunConfig(BaseModel):
     output_dir: str = "~/pfedmma-runs"  # the ServerApp resolves it on its own machine
     experiment_name: str = ""  # names the private-state namespace; "" = this run's id
     state_dir: str = ""  # default for nodes that set none; "" = ~/.cache/pfedmma/state
+    resume_from: str = ""  # a run directory to continue after its last completed round
 
     @field_validator("dataset")
     @classmethod

@@ -23,7 +23,7 @@ class PartitionRecorder:
         self.done = False
 
     def maybe_record(self, server_round: int) -> None:
-        if self.done or server_round < 1:
+        if self.done or server_round < 1 or (self.run_dir.path / "partition.json").exists():
             return
         reported = self.strategy.stats(server_round).num_partitions
         if len(reported) != 1:

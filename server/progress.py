@@ -11,24 +11,34 @@ from flwr.app import ArrayRecord, MetricRecord
 from common.arrays import from_record
 from common.metrics import per_domain_means, summarize
 from server.run_dir import RunDirectory
-from server.strategy import PFedMMA, RoundStats
+from server.strategy import PFedMMA
 
 
 class RoundReporter:
     """Called by the strategy loop after each round (as its ``evaluate_fn``)."""
 
-    def __init__(self, strategy: PFedMMA, run_dir: RunDirectory, num_rounds: int, model_selection: str = "last") -> None:
+    def __init__(
+        self,
+        strategy: PFedMMA,
+        run_dir: RunDirectory,
+        num_rounds: int,
+        model_selection: str = "last",
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.strategy = strategy
         self.run_dir = run_dir
         self.num_rounds = num_rounds
         self.model_selection = model_selection
         self.started = self.last = time.monotonic()
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = list(history or [])  # rounds completed before a resume
 
-    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        self.run_dir.save_global(server_round, from_record(arrays))
-        if server_round == 0:  # the initial state, before any training
+    def end_round(self, loop_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if loop_round == 0:  # the state before the first round of this process
+            if self.strategy.round_offset == 0:
+                self.run_dir.save_global(0, from_record(arrays))
             return None
+        server_round = self.strategy.real_round(loop_round)
+        self.run_dir.save_global(server_round, from_record(arrays))
         now = time.monotonic()
         stats = self.strategy.stats(server_round)
         summary = summarize(stats.evaluation) if stats.evaluation else {}
@@ -40,7 +50,9 @@ class RoundReporter:
             "full-eval": stats.full_eval,
             "evaluation": {k: v for k, v in summary.items()},
             "per-client": {str(c): v for c, v in sorted(stats.evaluation.items())},
+            "domains": {str(c): d for c, d in sorted(stats.domains.items())},
             "per-domain-local": per_domain_means(stats.evaluation, stats.domains) if stats.domains else {},
+            "private-source": {str(c): v for c, v in sorted(stats.private_sources.items())},
             "sampled": stats.sampled_train,
             "valid-replies": stats.valid,
             "rejected-replies": len(stats.rejected),
@@ -68,8 +80,10 @@ class RoundReporter:
         chosen = self.selected_round()
         final: dict[str, Any] = {}
         if chosen is not None:
-            stats: RoundStats = self.strategy.stats(chosen)
-            final = self.run_dir.write_evaluation(chosen, stats.evaluation, stats.domains, self.model_selection)
+            row = next(r for r in self.history if r["round"] == chosen)
+            per_client = {int(c): v for c, v in row["per-client"].items()}
+            domains = {int(c): d for c, d in row.get("domains", {}).items()}
+            final = self.run_dir.write_evaluation(chosen, per_client, domains, self.model_selection)
             print(f"[pfedmma] evaluation at round {chosen} (model selection: {self.model_selection}):", flush=True)
             print(final["table"], flush=True)
         last = self.history[-1] if self.history else {}

@@ -15,23 +15,84 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from common.metrics import csv_rows, markdown_table, per_domain_means, summarize
 
 
+class ResumeError(ValueError):
+    """A run directory cannot be resumed (missing, incomplete, or another model)."""
+
+
 class RunDirectory:
-    def __init__(self, root: Path, run_id: int, config: Mapping[str, Any]) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, root: Path, run_id: int, config: Mapping[str, Any], state_namespace: str) -> RunDirectory:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.path = root.expanduser().resolve() / f"{stamp}-run{run_id}"
-        (self.path / "global").mkdir(parents=True, exist_ok=False)
-        self._write_json("config.json", dict(config))
+        run_dir = cls(root.expanduser().resolve() / f"{stamp}-run{run_id}")
+        (run_dir.path / "global").mkdir(parents=True, exist_ok=False)
+        run_dir._write_json("config.json", dict(config))
+        run_dir._write_json("run.json", {"run-id": run_id, "state-namespace": state_namespace, "resumed-by": []})
+        return run_dir
+
+    @classmethod
+    def resume(cls, path: Path, run_id: int, config: Mapping[str, Any], must_match: Sequence[str]) -> RunDirectory:
+        """Reopen ``path`` to continue it; the model-defining keys must equal the stored ones."""
+        run_dir = cls(path.expanduser().resolve())
+        for name in ("config.json", "run.json"):
+            if not (run_dir.path / name).is_file():
+                raise ResumeError(f"resume-from={str(path)!r}: no {name} there; expected a pFedMMA run directory")
+        stored = json.loads((run_dir.path / "config.json").read_text())
+        differing = {k: (stored.get(k), config.get(k)) for k in must_match if stored.get(k) != config.get(k)}
+        if differing:
+            raise ResumeError(f"resume-from={str(path)!r} was run with other settings (stored, now): {differing}")
+        rows = run_dir.completed_rounds()
+        # Drop a torn or unsaved last row so that appended rows continue a clean history.
+        tmp = run_dir.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        tmp.replace(run_dir.path / "metrics.jsonl")
+        info = run_dir.run_info()
+        info["resumed-by"].append({"run-id": run_id, "after-round": run_dir.last_completed_round()})
+        run_dir._write_json("run.json", info)
+        return run_dir
+
+    def run_info(self) -> dict[str, Any]:
+        return json.loads((self.path / "run.json").read_text())
+
+    def completed_rounds(self) -> list[dict[str, Any]]:
+        """Rows of metrics.jsonl whose global state was saved (a torn last line is ignored)."""
+        path = self.path / "metrics.jsonl"
+        rows = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if self.global_path(row["round"]).exists():
+                rows.append(row)
+        return rows
+
+    def last_completed_round(self) -> int:
+        rows = self.completed_rounds()
+        return int(rows[-1]["round"]) if rows else 0
+
+    def global_path(self, server_round: int) -> Path:
+        return self.path / "global" / f"round-{server_round:03d}.safetensors"
+
+    def load_global(self, server_round: int) -> dict[str, torch.Tensor]:
+        path = self.global_path(server_round)
+        if not path.is_file():
+            raise ResumeError(f"{path} is missing; cannot resume after round {server_round}")
+        return load_file(str(path))
 
     def _write_json(self, name: str, data: Any) -> None:
         tmp = self.path / f".{name}.tmp"
@@ -39,13 +100,17 @@ class RunDirectory:
         tmp.replace(self.path / name)
 
     def save_global(self, server_round: int, state: Mapping[str, torch.Tensor]) -> Path:
-        path = self.path / "global" / f"round-{server_round:03d}.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        path = self.global_path(server_round)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(path)  # a checkpoint is either complete or absent
         return path
 
     def append_round(self, row: Mapping[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(row), sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         self._write_json("summary.json", dict(summary))

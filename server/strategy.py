@@ -14,7 +14,8 @@ from server.validation import TensorSpec, reply_bytes, reply_problem
 
 log = logging.getLogger(__name__)
 
-PER_CLIENT_KEYS = ("partition-id", "num-partitions")  # identifiers, not quantities to average
+PRIVATE_SOURCES = ("init", "context", "disk")  # the client's encoding of "private-source"
+PER_CLIENT_KEYS = ("partition-id", "num-partitions", "private-source")  # identifiers, not quantities to average
 
 
 @dataclass
@@ -23,6 +24,7 @@ class RoundStats:
 
     sampled_train: int = 0
     num_partitions: set[int] = field(default_factory=set)  # as reported by the clients
+    private_sources: dict[int, str] = field(default_factory=dict)  # partition id -> init/context/disk
     valid: int = 0
     rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
     bytes_received: int = 0
@@ -56,13 +58,27 @@ class PFedMMA(FedAvg):
     match it exactly. Local accuracy is reported as the unweighted mean over clients (SPEC §4).
     """
 
-    def __init__(self, shared_specs: Mapping[str, TensorSpec], num_rounds: int, eval_every: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        shared_specs: Mapping[str, TensorSpec],
+        num_rounds: int,
+        eval_every: int = 1,
+        round_offset: int = 0,
+        client_config: Mapping[str, str | int | float | bool] | None = None,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _mean_metrics)
         super().__init__(**kwargs)
         self.shared_specs = dict(shared_specs)
         self.num_rounds = num_rounds
         self.eval_every = eval_every
+        # A resumed run's loop counts from 1 again; every hook maps that to the real round.
+        self.round_offset = round_offset
+        self.client_config = dict(client_config or {})  # sent with every train/evaluate message
         self.rounds: dict[int, RoundStats] = {}
+
+    def real_round(self, loop_round: int) -> int:
+        return loop_round + self.round_offset
 
     def is_full_eval_round(self, server_round: int) -> bool:
         """The full protocol (Base/Novel) runs every ``eval_every`` rounds and at the end."""
@@ -73,6 +89,8 @@ class PFedMMA(FedAvg):
         return self.rounds.setdefault(server_round, RoundStats())
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        server_round = self.real_round(server_round)
+        config = ConfigRecord({**dict(config), **self.client_config})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.stats(server_round).sampled_train = len(messages)
         return messages
@@ -80,6 +98,7 @@ class PFedMMA(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.real_round(server_round)
         stats = self.stats(server_round)
         accepted = []
         for msg in replies:
@@ -92,9 +111,12 @@ class PFedMMA(FedAvg):
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
         stats.valid = len(accepted)
         for msg in accepted:
-            reported = msg.content.metric_records["metrics"].get("num-partitions")
-            if isinstance(reported, int):
-                stats.num_partitions.add(reported)
+            metrics = msg.content.metric_records["metrics"]
+            if isinstance(metrics.get("num-partitions"), int):
+                stats.num_partitions.add(int(metrics["num-partitions"]))
+            source = metrics.get("private-source")
+            if isinstance(source, int) and 0 <= source < len(PRIVATE_SOURCES):
+                stats.private_sources[int(metrics.get("partition-id", -1))] = PRIVATE_SOURCES[source]
         if not accepted:
             log.warning("round %d: no valid reply; the global shared state is unchanged", server_round)
             return None, None
@@ -104,13 +126,15 @@ class PFedMMA(FedAvg):
         return arrays, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        server_round = self.real_round(server_round)
         full = self.is_full_eval_round(server_round)
         self.stats(server_round).full_eval = full
-        config = ConfigRecord({**dict(config), "full-eval": full})
+        config = ConfigRecord({**dict(config), **self.client_config, "full-eval": full})
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client accuracies are kept; the aggregate is their unweighted mean (SPEC §4)."""
+        server_round = self.real_round(server_round)
         stats = self.stats(server_round)
         for msg in replies:
             if msg.has_error():

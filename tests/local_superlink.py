@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +32,58 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     }
 
 
+FLWR = str(Path(sys.executable).parent / "flwr")
+
+
+def _run_command(run_config: str, supernodes: int) -> list[str]:
+    return [FLWR, "run", ".", "--stream", "--federation-config", f"num-supernodes={supernodes}", "--run-config", run_config]
+
+
 def flwr_run(flwr_home: Path, run_config: str, supernodes: int, timeout: float) -> subprocess.CompletedProcess[str]:
-    command = [
-        str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
-        "--federation-config", f"num-supernodes={supernodes}",
-        "--run-config", run_config,
-    ]
     return subprocess.run(
-        command, cwd=REPO, env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout
+        _run_command(run_config, supernodes), cwd=REPO, env=flower_env(flwr_home),
+        capture_output=True, text=True, timeout=timeout,
     )
+
+
+def flwr_run_until(flwr_home: Path, run_config: str, supernodes: int, marker: str, timeout: float) -> tuple[str, str]:
+    """Start a run, wait until ``marker`` is printed, then stop the run with `flwr stop`.
+
+    Returns (run id, output so far). The env (and so the SuperLink's ports) is kept per home.
+    """
+    env = _ENVS.setdefault(str(flwr_home), flower_env(flwr_home))
+    proc = subprocess.Popen(
+        _run_command(run_config, supernodes), cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    run_id = ""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "Successfully started run" in line:
+            run_id = line.split()[-1].strip()
+        if marker in line or time.monotonic() > deadline:
+            break
+    subprocess.run([FLWR, "stop", run_id], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+    return run_id, "".join(lines) + (rest or "")
+
+
+def flwr_run_in(flwr_home: Path, run_config: str, supernodes: int, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Like :func:`flwr_run`, reusing the SuperLink that an earlier call for this home started."""
+    env = _ENVS.setdefault(str(flwr_home), flower_env(flwr_home))
+    return subprocess.run(
+        _run_command(run_config, supernodes), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+_ENVS: dict[str, dict[str, str]] = {}
 
 
 def stop_processes_under(flwr_home: Path) -> None:

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from server.strategy import PFedMMA
 from server.validation import specs_of
@@ -45,7 +45,7 @@ def _metadata(node_id: int) -> Metadata:
 @pytest.fixture
 def strategy() -> PFedMMA:
     template = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
-    return PFedMMA(specs_of(template))
+    return PFedMMA(specs_of(template), num_rounds=3)
 
 
 def test_aggregation_is_example_weighted_mean(strategy: PFedMMA) -> None:
@@ -108,3 +108,35 @@ def test_local_accuracy_is_unweighted_mean_over_clients(strategy: PFedMMA) -> No
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics is not None and metrics["local-accuracy"] == pytest.approx(0.75)
     assert strategy.stats(1).local_accuracy == {0: 0.5, 1: 1.0}
+
+
+class _Nodes:
+    """Just enough of a Grid for sampling: three connected nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 12, 13]
+
+
+@pytest.fixture
+def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a ServerApp process has set when the strategy builds instruction messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_schedule_offset_and_client_config_reach_the_messages() -> None:
+    template = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+    strategy = PFedMMA(specs_of(template), num_rounds=7, eval_every=3, round_offset=4, client_config={"state-namespace": "exp-a"})
+    assert [r for r in range(1, 8) if strategy.is_full_eval_round(r)] == [3, 6, 7]
+    train = list(strategy.configure_train(1, template, ConfigRecord(), _Nodes()))
+    assert len(train) == 3
+    for msg in train:
+        assert msg.content["config"]["server-round"] == 5  # loop round 1 after 4 completed rounds
+        assert msg.content["config"]["state-namespace"] == "exp-a"
+        assert set(msg.content["arrays"]) == set(SHAPES)  # only the shared tensors go out
+    evaluate = list(strategy.configure_evaluate(2, template, ConfigRecord(), _Nodes()))
+    assert all(m.content["config"]["full-eval"] is True for m in evaluate)  # real round 6
+    assert strategy.stats(5).sampled_train == 3 and strategy.stats(6).full_eval

@@ -1,0 +1,62 @@
+"""A run stopped after round k and resumed from its run directory (real `flwr stop`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.local_superlink import flwr_run_in, flwr_run_until, stop_processes_under
+
+
+@pytest.fixture
+def flwr_home(tmp_path: Path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    yield home
+    stop_processes_under(home)
+
+
+def _digests(state: Path) -> dict[str, str]:
+    return {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest() for p in state.rglob("*.safetensors")}
+
+
+def test_stopped_run_resumes_with_continuous_history_and_private_state(flwr_home: Path, tmp_path: Path) -> None:
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    base = f"output-dir='{runs}' state-dir='{state}' eval-every=0 test-per-class=2 shots=4"
+    run_id, output = flwr_run_until(flwr_home, f"num-server-rounds=4 {base}", 2, "[pfedmma] round 1/4", timeout=400)
+    assert run_id, output[-3000:]
+    (run_dir,) = runs.iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    done = rows[-1]["round"]
+    assert 1 <= done < 4, f"stop came too late: {done} rounds done"
+    assert not (run_dir / "summary.json").exists()  # it really stopped early
+    before = _digests(state)
+    assert len(before) == 2 and len({Path(p).parent for p in before}) == 1  # one namespace
+
+    result = flwr_run_in(flwr_home, f"num-server-rounds=4 {base} resume-from='{run_dir}'", 2, timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    # The log stream can end before the run does (e.g. while the stopped run winds down):
+    # the run directory, not the console, is the record.
+    deadline = time.monotonic() + 300
+    while not (run_dir / "summary.json").exists() and time.monotonic() < deadline:
+        time.sleep(2)
+
+    assert list(runs.iterdir()) == [run_dir]  # the same directory continues
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    # Private adapters came back from disk (not the common init) in the first resumed round.
+    assert set(rows[done]["private-source"].values()) == {"disk"}
+    assert set(rows[0]["private-source"].values()) == {"init"}
+    after = _digests(state)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in after)  # same files, trained on
+    info = json.loads((run_dir / "run.json").read_text())
+    assert [r["after-round"] for r in info["resumed-by"]] == [done]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds-completed"] == 4 and summary["selected-round"] == 4
+    globals_ = sorted(p.name for p in (run_dir / "global").iterdir())
+    assert globals_ == [f"round-{r:03d}.safetensors" for r in range(5)]
