@@ -50,7 +50,7 @@ class ClientJob:
         cfg = RunConfig.from_flower(context.run_config)
         node = NodeConfig.from_flower(context.node_config)
         device = pick_device()
-        bundle = shared_model(cfg, device)
+        bundle = shared_model(cfg, device, node.cache_dir)
         data = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
         namespace = namespace or cfg.experiment_name or f"run-{context.run_id}"
         store = PrivateStateStore(

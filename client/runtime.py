@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -37,13 +38,17 @@ def model_fingerprint(cfg: RunConfig) -> dict[str, str]:
 _MODELS: dict[tuple[str, ...], ClipBundle] = {}
 
 
-def shared_model(cfg: RunConfig, device: torch.device) -> ClipBundle:
-    """The frozen CLIP with adapters for this config, built once per process."""
+def shared_model(cfg: RunConfig, device: torch.device, cache_dir: str = "") -> ClipBundle:
+    """The frozen CLIP with adapters for this config, built once per process.
+
+    ``cache_dir`` (node config) holds prepared backbone weights that later processes map
+    into memory instead of rebuilding; in deployment every message is a new process.
+    """
     key = (*model_fingerprint(cfg).values(), str(cfg.adapter_alpha), str(device))
     if key not in _MODELS:
         _MODELS.clear()  # one backbone per process at a time is enough, and memory matters
         log.info("building %s (pretrained=%r) on %s", cfg.model_name, cfg.pretrained or "none", device)
-        _MODELS[key] = build_mma_clip(cfg, device)
+        _MODELS[key] = build_mma_clip(cfg, device, Path(cache_dir) if cache_dir else None)
     return _MODELS[key]
 
 

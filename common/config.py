@@ -122,6 +122,8 @@ class NodeConfig(BaseModel):
     num_partitions: int = Field(gt=0)
     state_dir: str = ""
     data_dir: str = ""
+    # Prepared backbone weights, memory-mapped by every later ClientApp process; "" = off.
+    cache_dir: str = "~/.cache/pfedmma/backbones"
 
     @model_validator(mode="after")
     def _check_partition(self) -> NodeConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import open_clip
 import torch
 
@@ -13,8 +15,8 @@ from common.roles import Role, apply_roles, role_state
 ADAPTERS_ATTR = "mma"  # attach_mma registers the adapters as ``model.mma``
 
 
-def build_mma_clip(cfg: RunConfig, device: str | torch.device = "cpu") -> ClipBundle:
-    bundle = build_clip(cfg.model_name, cfg.pretrained, device)
+def build_mma_clip(cfg: RunConfig, device: str | torch.device = "cpu", cache_dir: Path | None = None) -> ClipBundle:
+    bundle = build_clip(cfg.model_name, cfg.pretrained, device, cache_dir=cache_dir, init_seed=cfg.seed)
     attach_mma(bundle.model, cfg.adapter_start, cfg.adapter_end, cfg.adapter_rank, cfg.adapter_alpha, cfg.seed)
     apply_roles(bundle.model)
     return bundle

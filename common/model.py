@@ -15,6 +15,8 @@ import open_clip
 import torch
 from torch import nn
 
+from common import backbone_cache
+
 log = logging.getLogger(__name__)
 
 # Project model configs (small towers for the offline miniature) live beside this file;
@@ -65,20 +67,35 @@ def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, b
 
 
 def build_clip(
-    model_name: str, pretrained: str = "", device: str | torch.device = "cpu"
+    model_name: str,
+    pretrained: str = "",
+    device: str | torch.device = "cpu",
+    cache_dir: Path | None = None,
+    init_seed: int = 0,
 ) -> ClipBundle:
-    """Create the CLIP, load its weights and freeze every parameter."""
+    """Create the CLIP, load its weights and freeze every parameter.
+
+    Without pretrained weights the backbone is initialised from ``init_seed``, so every
+    process (every client) gets the same frozen model. With ``cache_dir`` the prepared
+    weights are cached there and memory-mapped by later calls (see ``backbone_cache``).
+    """
     models = available_models()
     if model_name not in models:
         raise ValueError(f"model-name={model_name!r} is unknown; valid names: {models}")
     weights, quick_gelu = _resolve_pretrained(model_name, pretrained)
-    model = open_clip.create_model(
-        model_name,
-        pretrained=weights,
-        device=device,
-        force_quick_gelu=quick_gelu,
-        require_pretrained=weights is not None,
-    )
+    cached = None
+    if cache_dir is not None:
+        cached = cache_dir.expanduser() / f"{backbone_cache.cache_key(model_name, weights, quick_gelu, init_seed)}.pt"
+        model = backbone_cache.load_cached(cached, model_name, quick_gelu)
+    if cached is None or model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = open_clip.create_model(
+                model_name, pretrained=weights, force_quick_gelu=quick_gelu, require_pretrained=weights is not None
+            )
+        if cached is not None:
+            backbone_cache.store(cached, model)
+    model = model.to(device)
     if not isinstance(model, open_clip.CLIP):
         raise ValueError(
             f"model-name={model_name!r} builds {type(model).__name__}; "
