@@ -1,13 +1,15 @@
 """Build a frozen open_clip CLIP from a (model name, pretrained) pair.
 
 `pretrained` is one of: an open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``...),
-a path to a local checkpoint file, or empty / ``"none"`` for random initialisation
-(tests and the offline default).
+the name of a checkpoint shipped in ``common/weights/`` (``"pfedmma-tiny-shapes"``, the
+offline default), a path to a local checkpoint file, or empty / ``"none"`` for random
+initialisation.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +44,36 @@ def available_models() -> list[str]:
     return open_clip.list_models()
 
 
+BUNDLED_SUFFIXES = (".safetensors", ".pt")
+
+
+def bundled_checkpoint(name: str) -> Path | None:
+    """A checkpoint shipped in ``common/weights/`` under ``name`` (without suffix), if any.
+
+    Searched on every ``sys.path`` entry rather than beside this file: Flower runs the app
+    from an unpacked bundle (FAB) that carries only source files, while the installed
+    project (``pip install``) carries the weights.
+    """
+    if not name or any(sep in name for sep in "/\\") or name.startswith("."):
+        return None
+    roots = [Path(__file__).resolve().parent.parent, *(Path(p) for p in sys.path if p)]
+    for root in roots:
+        for suffix in BUNDLED_SUFFIXES:
+            candidate = root / "common" / "weights" / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, bool]:
     """Return (open_clip pretrained argument, force_quick_gelu)."""
     if pretrained.lower() in NO_PRETRAINED:
         return None, False
     if Path(pretrained).expanduser().is_file():
         return str(Path(pretrained).expanduser()), False
+    bundled = bundled_checkpoint(pretrained)
+    if bundled is not None:
+        return str(bundled), False
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
         looks_like_path = any(sep in pretrained for sep in ("/", "\\", "."))
@@ -58,7 +84,8 @@ def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, b
             )
         raise ValueError(
             f"pretrained={pretrained!r} is not a tag of model {model_name!r}; "
-            f"valid tags: {sorted(tags) or 'none'}, a checkpoint file path, or '' for random init"
+            f"valid tags: {sorted(tags) or 'none'}, a bundled checkpoint name, a checkpoint file path, "
+            "or '' for random init"
         )
     # OpenAI's weights were trained with QuickGELU; loading them into a GELU model runs
     # without error but every activation is subtly wrong.

@@ -42,3 +42,21 @@ def test_openai_weights_get_quick_gelu() -> None:
     assert _resolve_pretrained("ViT-B-16", "openai") == ("openai", True)
     assert _resolve_pretrained("ViT-B-16-quickgelu", "openai") == ("openai", False)
     assert _resolve_pretrained("ViT-B-16", "") == (None, False)
+
+
+def test_bundled_checkpoint_is_found_on_sys_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower runs the app from an unpacked bundle without weights; the installed project has them.
+    torch.manual_seed(7)
+    source = build_clip("pfedmma-tiny", "").model
+    weights = tmp_path / "site" / "common" / "weights"
+    weights.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights / "unit-test-tiny.safetensors"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    loaded = build_clip("pfedmma-tiny", "unit-test-tiny").model
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), source.encode_image(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="a bundled checkpoint name"):
+        build_clip("pfedmma-tiny", "no-such-bundled-name")
