@@ -13,9 +13,11 @@ the original block.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from open_clip import CLIP
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 TOWERS = ("text", "image")
@@ -86,13 +88,15 @@ class MMAAdapters(nn.Module):
 
     def branch(self, tower: str, block: int, h: torch.Tensor) -> torch.Tensor:
         k = str(block)
-        return self.up[tower][k](self.shared[k](self.down[tower][k](h)))
+        down = cast(nn.ModuleDict, self.down[tower])[k]
+        up = cast(nn.ModuleDict, self.up[tower])[k]
+        return up(self.shared[k](down(h)))
 
 
 class AdaptedBlock(nn.Module):
     """An open_clip residual block plus the MMA branch on its pre-attention LayerNorm output."""
 
-    def __init__(self, block: nn.Module, adapters: MMAAdapters, tower: str, index: int, alpha: float):
+    def __init__(self, block: nn.Module, adapters: MMAAdapters, tower: str, index: int, alpha: float) -> None:
         super().__init__()
         self.block = block
         # Not registered as a submodule: the adapters belong to the model's ``mma`` module,
@@ -101,6 +105,9 @@ class AdaptedBlock(nn.Module):
         self.tower = tower
         self.index = index
         self.alpha = alpha
+
+    _adapters: MMAAdapters
+    block: ResidualAttentionBlock
 
     def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer asks resblocks[0]
         return self.block.get_weight_dtype()
@@ -165,7 +172,7 @@ def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float, seed:
 
 def adapter_parameter_count(d_text: int, d_image: int, rank: int, num_blocks: int) -> dict[str, int]:
     """Trainable parameter counts from the shapes alone (SPEC §1); tests compare against this."""
-    per_tower = lambda d: (d * rank + rank) + (rank * d + d)  # noqa: E731  down + up
+    per_tower = lambda d: (d * rank + rank) + (rank * d + d)
     text = num_blocks * per_tower(d_text)
     image = num_blocks * per_tower(d_image)
     shared = num_blocks * (rank * rank + rank)

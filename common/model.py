@@ -124,7 +124,7 @@ def build_clip(
             backbone_cache.store(cached, model)
     model = model.to(device)
     if not isinstance(model, open_clip.CLIP):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - a bad model-name value, not a caller type error
             f"model-name={model_name!r} builds {type(model).__name__}; "
             "pFedMMA needs an open_clip CLIP with a ViT image tower and a text transformer"
         )

@@ -38,9 +38,15 @@ class RoundStats:
         return {c: row["local"] for c, row in self.evaluation.items() if "local" in row}
 
 
+def _scalar(metrics: MetricRecord, key: str) -> float | None:
+    """A reported number, or None when absent or not a scalar (lists are allowed in records)."""
+    value = metrics.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted mean of every reported metric except identifiers."""
-    weights = [float(next(iter(r.metric_records.values()))[weight_key]) for r in records]
+    weights = [_scalar(next(iter(r.metric_records.values())), weight_key) or 0.0 for r in records]
     total = sum(weights)
     sums: dict[str, float] = {}
     for record, w in zip(records, weights, strict=True):
@@ -111,12 +117,13 @@ class PFedMMA(FedAvg):
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
         stats.valid = len(accepted)
         for msg in accepted:
-            metrics = msg.content.metric_records["metrics"]
-            if isinstance(metrics.get("num-partitions"), int):
-                stats.num_partitions.add(int(metrics["num-partitions"]))
-            source = metrics.get("private-source")
-            if isinstance(source, int) and 0 <= source < len(PRIVATE_SOURCES):
-                stats.private_sources[int(metrics.get("partition-id", -1))] = PRIVATE_SOURCES[source]
+            reported = msg.content.metric_records["metrics"]
+            partitions, source = _scalar(reported, "num-partitions"), _scalar(reported, "private-source")
+            if partitions is not None:
+                stats.num_partitions.add(int(partitions))
+            if source is not None and 0 <= source < len(PRIVATE_SOURCES):
+                client = _scalar(reported, "partition-id")
+                stats.private_sources[int(client if client is not None else -1)] = PRIVATE_SOURCES[int(source)]
         if not accepted:
             log.warning("round %d: no valid reply; the global shared state is unchanged", server_round)
             return None, None
@@ -144,7 +151,8 @@ class PFedMMA(FedAvg):
             if metrics is None or "local-accuracy" not in metrics:
                 log.warning("round %d: node %d sent no local-accuracy", server_round, msg.metadata.src_node_id)
                 continue
-            client = int(metrics.get("partition-id", msg.metadata.src_node_id))
+            partition_id = _scalar(metrics, "partition-id")
+            client = int(partition_id) if partition_id is not None else msg.metadata.src_node_id
             stats.evaluation[client] = {
                 key.removesuffix("-accuracy"): float(value)
                 for key, value in metrics.items()

@@ -42,7 +42,7 @@ def _run_command(run_config: str, supernodes: int) -> list[str]:
 def flwr_run(flwr_home: Path, run_config: str, supernodes: int, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         _run_command(run_config, supernodes), cwd=REPO, env=flower_env(flwr_home),
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
@@ -66,7 +66,7 @@ def flwr_run_until(flwr_home: Path, run_config: str, supernodes: int, marker: st
             run_id = line.split()[-1].strip()
         if marker in line or time.monotonic() > deadline:
             break
-    subprocess.run([FLWR, "stop", run_id], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    subprocess.run([FLWR, "stop", run_id], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
     try:
         rest, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -79,7 +79,7 @@ def flwr_run_in(flwr_home: Path, run_config: str, supernodes: int, timeout: floa
     """Like :func:`flwr_run`, reusing the SuperLink that an earlier call for this home started."""
     env = _ENVS.setdefault(str(flwr_home), flower_env(flwr_home))
     return subprocess.run(
-        _run_command(run_config, supernodes), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        _run_command(run_config, supernodes), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 

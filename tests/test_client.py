@@ -58,7 +58,7 @@ def test_training_changes_only_adapter_tensors(run_config, tiny_cfg, initial) ->
     roles = parameter_roles(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    reply, ctx = _train(run_config, initial[Role.SHARED], 1, partition_id=0)
+    reply, _ = _train(run_config, initial[Role.SHARED], 1, partition_id=0)
 
     after = dict(model.named_parameters())
     for name, role in roles.items():
@@ -74,7 +74,7 @@ def test_training_changes_only_adapter_tensors(run_config, tiny_cfg, initial) ->
 
 def test_private_state_survives_rounds_restart_and_starts_from_init(run_config, tiny_cfg, initial) -> None:
     state = RecordDict()
-    _, ctx = _train(run_config, initial[Role.SHARED], 1, partition_id=0, state=state)
+    _train(run_config, initial[Role.SHARED], 1, partition_id=0, state=state)
     stored = from_record(state.array_records[STATE_KEY])
     assert any(not torch.equal(stored[k], initial[Role.PRIVATE][k]) for k in stored)
 

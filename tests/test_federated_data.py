@@ -21,7 +21,7 @@ def test_base_to_novel_shards() -> None:
     shards = [client_data(cfg, i, 4, 32, MEAN, STD) for i in range(4)]
     base_names = shards[0].class_names
     assert len(base_names) == 24 and all(s.class_names == base_names for s in shards)
-    own = [set(int(s.train.source.labels[i]) for i in s.train.indices) for s in shards]
+    own = [{int(s.train.source.labels[i]) for i in s.train.indices} for s in shards]
     assert all(len(o) == 6 for o in own) and not set.intersection(*own)
     for shard, classes in zip(shards, own):
         assert len(shard.train) == 3 * 6

@@ -14,10 +14,10 @@ from server.validation import specs_of
 SHAPES = {"mma.shared.1.linear.weight": (4, 4), "mma.shared.1.linear.bias": (4,)}
 
 
-def _arrays(rng: np.random.Generator, **overrides: np.ndarray | None) -> dict[str, np.ndarray]:
+def _arrays(rng: np.random.Generator, overrides: dict[str, np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
+    """Random shared tensors; an override of None removes that key."""
     arrays = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-    for key, value in overrides.items():
-        key = key.replace("__", ".")
+    for key, value in (overrides or {}).items():
         if value is None:
             arrays.pop(key)
         else:
@@ -64,13 +64,14 @@ def test_aggregation_is_example_weighted_mean(strategy: PFedMMA) -> None:
     assert strategy.stats(1).valid == 3 and not strategy.stats(1).rejected
 
 
-BAD_REPLIES = {
-    "extra key": dict(**{"mma__down__text__1__linear__weight": np.ones((4, 4), np.float32)}),
-    "missing key": dict(**{"mma__shared__1__linear__bias": None}),
-    "wrong shape": dict(**{"mma__shared__1__linear__weight": np.ones((4, 5), np.float32)}),
-    "wrong dtype": dict(**{"mma__shared__1__linear__weight": np.ones((4, 4), np.float64)}),
-    "NaN": dict(**{"mma__shared__1__linear__bias": np.array([0, np.nan, 0, 0], np.float32)}),
-    "Inf": dict(**{"mma__shared__1__linear__weight": np.full((4, 4), np.inf, np.float32)}),
+W, B = "mma.shared.1.linear.weight", "mma.shared.1.linear.bias"
+BAD_REPLIES: dict[str, dict[str, np.ndarray | None]] = {
+    "extra key": {"mma.down.text.1.linear.weight": np.ones((4, 4), np.float32)},  # a private tensor
+    "missing key": {B: None},
+    "wrong shape": {W: np.ones((4, 5), np.float32)},
+    "wrong dtype": {W: np.ones((4, 4), np.float64)},
+    "NaN": {B: np.array([0, np.nan, 0, 0], np.float32)},
+    "Inf": {W: np.full((4, 4), np.inf, np.float32)},
 }
 
 
@@ -78,7 +79,7 @@ BAD_REPLIES = {
 def test_invalid_reply_is_rejected_and_not_averaged(strategy: PFedMMA, case: str) -> None:
     rng = np.random.default_rng(1)
     good = [_arrays(rng), _arrays(rng)]
-    bad = _arrays(rng, **BAD_REPLIES[case])
+    bad = _arrays(rng, BAD_REPLIES[case])
     replies = [_reply(1, good[0], 10), _reply(2, bad, 1000), _reply(3, good[1], 30)]
     arrays, _ = strategy.aggregate_train(4, replies)
     assert arrays is not None

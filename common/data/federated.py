@@ -63,13 +63,13 @@ def client_data(
     mine = partition.clients[partition_id]
     test_tf = test_transform(image_size, mean, std)
     train_tf = train_transform(image_size, mean, std, cfg.crop_scale_min)
-    if partition.scheme == "base-to-novel":
+    if partition.base_classes is not None:  # base-to-novel
         classes = list(partition.base_classes)
     else:
         classes = list(range(len(sources.class_names)))
     train = _view(sources.train, mine.train_indices, classes, train_tf).dataset
     evals = {"local": _view(sources.test, mine.test_indices, classes, test_tf)}
-    if partition.scheme == "base-to-novel":
+    if partition.base_classes is not None and partition.novel_classes is not None:
         evals["base"] = _view(sources.test, _indices_of(sources.test, partition.base_classes), classes, test_tf)
         novel = list(partition.novel_classes)
         evals["novel"] = _view(sources.test, _indices_of(sources.test, novel), novel, test_tf)

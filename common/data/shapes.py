@@ -104,11 +104,12 @@ class ShapesSource(ImageSource):
         self.split, self.seed, self.size = split, seed, size
         grid = [(label, style, i) for style in styles for label in range(len(self.class_names)) for i in range(per_class)]
         self.labels = np.array([g[0] for g in grid], dtype=np.int64)
-        self.domains = np.array([g[1] for g in grid])
+        self._styles = np.array([g[1] for g in grid])
+        self.domains = self._styles
         self._index = np.array([g[2] for g in grid], dtype=np.int64)
 
     def image(self, index: int) -> Image.Image:
-        label, style = int(self.labels[index]), str(self.domains[index])
+        label, style = int(self.labels[index]), str(self._styles[index])
         rng = np.random.default_rng(_image_seed(self.seed, self.split, label, int(self._index[index]), style))
         return render(label, style, rng, self.size)
 
