@@ -143,6 +143,8 @@ def seeded_adapters(blocks: Sequence[int], d_text: int, d_image: int, rank: int,
 def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float, seed: int = 0) -> MMAAdapters:
     """Wrap blocks ``start..end`` (1-based, inclusive) of both towers; returns the adapters.
 
+    Block numbers count in the shallower tower; a deeper tower is aligned at its last block.
+
     The adapters are registered on the model as ``model.mma`` and initialised from ``seed``
     (independently of torch's global RNG), so all clients start from the same weights.
     """
@@ -165,8 +167,12 @@ def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float, seed:
     adapters.to(device=device, dtype=dtype)
     model.mma = adapters
     for tower, resblocks in towers.items():
+        # Towers of unequal depth (ViT-L-14: 12 text, 24 image blocks) are aligned at the top:
+        # block k of the shallower tower pairs with block k + (depth difference) of the deeper.
+        offset = len(resblocks) - depth
         for k in blocks:
-            resblocks[k - 1] = AdaptedBlock(resblocks[k - 1], adapters, tower, k, alpha)
+            i = k - 1 + offset
+            resblocks[i] = AdaptedBlock(resblocks[i], adapters, tower, k, alpha)
     return adapters
 
 

@@ -143,3 +143,38 @@ def test_init_is_kaiming_fan_out_with_zero_bias_and_seeded() -> None:
 
     s1, s2 = seeded_adapters([1], 64, 96, 32, seed=7), seeded_adapters([1], 64, 96, 32, seed=7)
     assert all(torch.equal(p, q) for p, q in zip(s1.parameters(), s2.parameters()))
+
+
+@pytest.mark.parametrize(("name", "d_text", "d_image", "depth"), [("ViT-B-32", 512, 768, 12), ("ViT-L-14", 768, 1024, 24)])
+def test_standard_vit_configs_match_formula(name: str, d_text: int, d_image: int, depth: int) -> None:
+    model = build_clip(name, "").model
+    start = 5  # the paper's blocks 5..12 of the (shallower) text tower
+    attach_mma(model, start, 12, rank=32, alpha=ALPHA)
+    apply_roles(model)
+    expected = adapter_parameter_count(d_text=d_text, d_image=d_image, rank=32, num_blocks=8)
+    counts = _counts(model)
+    adapted = [i for i, b in enumerate(model.visual.transformer.resblocks) if isinstance(b, AdaptedBlock)]
+    assert adapted == list(range(depth - 8, depth))  # the top 8 image blocks
+    assert counts[Role.SHARED] == expected["shared"]
+    assert counts[Role.PRIVATE] == expected["text_private"] + expected["image_private"]
+    if name == "ViT-B-32":  # one forward through both adapted towers
+        with torch.no_grad():
+            assert model.encode_image(torch.randn(1, 3, 224, 224)).shape == (1, 512)
+            assert model.encode_text(torch.randint(1, 1000, (2, 77))).shape == (2, 512)
+
+
+def test_text_features_follow_the_current_adapters() -> None:
+    # The reference cached text features once; here each call reflects the adapters' state.
+    from common.classify import PromptClassifier
+    from common.model import build_clip as build
+
+    bundle = build("pfedmma-tiny", "")
+    attach_mma(bundle.model, 1, 4, rank=8, alpha=1.0, seed=0)
+    classifier = PromptClassifier(bundle.model, bundle.tokenizer, ["red circle", "blue_square"], "cpu")
+    assert classifier.tokens.shape[0] == 2
+    with torch.no_grad():
+        before = classifier.text_features()
+        for up in bundle.model.mma.up["text"].values():
+            up.linear.bias.add_(0.5)
+        after = classifier.text_features()
+    assert not torch.allclose(before, after)
