@@ -17,8 +17,8 @@ import torch
 from common.config import RunConfig
 from common.data.base import ClientData
 from common.data.federated import client_data
-from common.model import ClipBundle
 from common.mma_model import build_mma_clip, initial_adapter_state
+from common.model import ClipBundle
 from common.roles import Role
 
 log = logging.getLogger(__name__)
