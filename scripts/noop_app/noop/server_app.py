@@ -1,0 +1,47 @@
+"""The no-op ServerApp: Flower's FedAvg loop (train only) over a payload of a given size,
+recording each round's wall time the way pFedMMA's run directory does (end to end of rounds)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+def payload(num_tensors: int, num_values: int) -> ArrayRecord:
+    sizes = [num_values // num_tensors + (i < num_values % num_tensors) for i in range(num_tensors)]
+    return ArrayRecord({f"t{i}": Array(np.zeros(n, dtype=np.float32)) for i, n in enumerate(sizes)})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    times_file = Path(str(cfg["times-file"])) if cfg["times-file"] else None
+    min_nodes = int(cfg["min-nodes"])
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=min_nodes, min_available_nodes=min_nodes)
+    last = time.monotonic()
+
+    def end_round(server_round: int, arrays: ArrayRecord) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if server_round > 0:
+            row = {"round": server_round, "seconds": round(now - last, 3)}
+            print(f"[noop] round {server_round}: {row['seconds']:.2f}s", flush=True)
+            if times_file is not None:
+                with times_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        last = now
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=payload(int(cfg["num-tensors"]), int(cfg["num-values"])),
+        num_rounds=int(cfg["num-server-rounds"]),
+        evaluate_fn=end_round,
+    )
