@@ -41,3 +41,14 @@ def run_config(tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def tiny_cfg(run_config: dict[str, Any]) -> RunConfig:
     return RunConfig.from_flower(run_config)
+
+
+@pytest.fixture
+def flwr_home(tmp_path: Path):
+    """A private FLWR_HOME; the local SuperLink that `flwr run` starts there is stopped afterwards."""
+    from tests.local_superlink import stop_processes_under
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    yield home
+    stop_processes_under(home)

@@ -7,17 +7,7 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.local_superlink import flwr_run_in, flwr_run_until, stop_processes_under
-
-
-@pytest.fixture
-def flwr_home(tmp_path: Path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    yield home
-    stop_processes_under(home)
+from tests.local_superlink import flwr_run_in, flwr_run_until
 
 
 def _digests(state: Path) -> dict[str, str]:

@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
-from tests.local_superlink import flwr_run, stop_processes_under
-
-
-@pytest.fixture
-def flwr_home(tmp_path: Path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    yield home
-    stop_processes_under(home)
+from tests.local_superlink import flwr_run
 
 
 def test_flwr_run_three_clients_two_rounds(flwr_home: Path, tmp_path: Path) -> None:
