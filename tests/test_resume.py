@@ -16,7 +16,7 @@ def _digests(state: Path) -> dict[str, str]:
 
 def test_stopped_run_resumes_with_continuous_history_and_private_state(flwr_home: Path, tmp_path: Path) -> None:
     runs, state = tmp_path / "runs", tmp_path / "state"
-    base = f"output-dir='{runs}' state-dir='{state}' eval-every=0 test-per-class=2 shots=4"
+    base = f"output-dir='{runs}' state-dir='{state}' eval-every=0 test-per-class=2 shots=4 local-epochs=1"
     run_id, output = flwr_run_until(flwr_home, f"num-server-rounds=4 {base}", 2, "[pfedmma] round 1/4", timeout=400)
     assert run_id, output[-3000:]
     (run_dir,) = runs.iterdir()

@@ -12,7 +12,7 @@ from tests.local_superlink import flwr_run
 
 def test_flwr_run_three_clients_two_rounds(flwr_home: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    config = f"num-server-rounds=2 output-dir='{runs}' state-dir='{tmp_path / 'state'}'"
+    config = f"num-server-rounds=2 local-epochs=1 shots=4 test-per-class=2 output-dir='{runs}' state-dir='{tmp_path / 'state'}'"
     result = flwr_run(flwr_home, config, supernodes=3, timeout=540)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
