@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 STATE_KEY = "pfedmma.private-adapters"
 
 
+def state_key(namespace: str) -> str:
+    """The ``context.state`` key of one namespace's adapters.
+
+    Flower's simulation can hand a node's ``context.state`` to a later run; keying by the
+    namespace keeps a new experiment from picking up another's adapters.
+    """
+    return f"{STATE_KEY}.{namespace}"
+
+
 class PrivateStateError(RuntimeError):
     """A stored private state exists but does not belong to this model."""
 
@@ -36,19 +45,20 @@ class PrivateStateStore:
 
     def __init__(self, state: RecordDict, directory: Path, namespace: str, partition_id: int, fingerprint: Mapping[str, str]):
         self.state = state
+        self.key = state_key(namespace)
         self.path = directory / namespace / f"client-{partition_id}.safetensors"
         self.fingerprint = dict(fingerprint)
 
     def load(self) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The stored private tensors and where they came from ("context", "disk"), or (None, "init")."""
-        if STATE_KEY in self.state.array_records:
-            return from_record(self.state.array_records[STATE_KEY]), "context"
+        if self.key in self.state.array_records:
+            return from_record(self.state.array_records[self.key]), "context"
         if self.path.exists():
             return self._read_file(), "disk"
         return None, "init"
 
     def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.state.array_records[STATE_KEY] = to_record(tensors)
+        self.state.array_records[self.key] = to_record(tensors)
         self._write_file(tensors)
 
     def _read_file(self) -> dict[str, torch.Tensor]:

@@ -11,12 +11,12 @@ from flwr.app import RecordDict
 
 from client.app import ClientJob, app
 from client.runtime import pick_device, shared_model
-from client.state_store import STATE_KEY, PrivateStateError, PrivateStateStore
+from client.state_store import PrivateStateError, PrivateStateStore, state_key
 from common.arrays import from_record
 from common.config import RunConfig
 from common.mma_model import initial_adapter_state
 from common.roles import Role, parameter_roles, role_state
-from tests.flower_messages import context, instruction, wire_bytes
+from tests.flower_messages import RUN_ID, context, instruction, wire_bytes
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_train_reply_carries_only_shared_tensors(run_config, tiny_cfg, initial) 
             assert not reply.content.config_records
             # No private tensor's values appear anywhere in what the reply puts on the wire.
             blob = wire_bytes(reply)
-            private = from_record(ctx.state.array_records[STATE_KEY])
+            private = from_record(ctx.state.array_records[state_key(f'run-{RUN_ID}')])
             assert set(private) == set(initial[Role.PRIVATE])
             for name, tensor in private.items():
                 rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
@@ -75,7 +75,7 @@ def test_training_changes_only_adapter_tensors(run_config, tiny_cfg, initial) ->
 def test_private_state_survives_rounds_restart_and_starts_from_init(run_config, tiny_cfg, initial) -> None:
     state = RecordDict()
     _train(run_config, initial[Role.SHARED], 1, partition_id=0, state=state)
-    stored = from_record(state.array_records[STATE_KEY])
+    stored = from_record(state.array_records[state_key(f'run-{RUN_ID}')])
     assert any(not torch.equal(stored[k], initial[Role.PRIVATE][k]) for k in stored)
 
     # Another client trains in between on the same cached model...
@@ -137,3 +137,13 @@ def test_state_file_of_another_model_is_refused(tmp_path: Path) -> None:
     _store(tmp_path, {"model-name": "a"}).save({"w": torch.ones(1)})
     with pytest.raises(PrivateStateError, match="client-0.safetensors.*experiment-name"):
         _store(tmp_path, {"model-name": "b"}).load()
+
+
+def test_context_state_of_another_namespace_is_not_used(run_config, initial) -> None:
+    # A node's context.state may outlive a run; another experiment must not pick it up.
+    state = RecordDict()
+    _train(run_config, initial[Role.SHARED], 1, partition_id=0, state=state)
+    from common.arrays import to_record
+
+    job = ClientJob.from_context(context(run_config, 0, state=state), namespace="another-experiment")
+    assert job.load_adapters(to_record(initial[Role.SHARED])) == "init"
