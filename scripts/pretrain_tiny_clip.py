@@ -17,7 +17,9 @@ classifiers do), so they are off by default; the doc has the measurements.
 
 Writes an fp16 state dict (``.safetensors``) that ``build_clip("pfedmma-tiny", PATH)``
 loads, and a JSON of the run (command, steps, wall time, zero-shot accuracies).
-Same arguments and thread count give bit-identical weights (``weights_sha256``).
+Repeated short runs with the same script revision, arguments and thread count gave
+bit-identical weights (``weights_sha256``; the file hash differs because safetensors writes
+metadata keys in arbitrary order). Different thread counts or script revisions drift apart.
 """
 
 from __future__ import annotations
