@@ -10,12 +10,15 @@ machine (one SuperLink and N SuperNodes, all with ``--isolation process`` and a
       the same size as pFedMMA's shared state and whose ClientApp just echoes it back.
 
 It prints each round's wall time for both, their ratio and difference (pFedMMA's cost above
-Flower's per-message floor), and how long a bare ``import`` of each ClientApp takes in a fresh
-interpreter. Usage (from the repository root, any Python environment with the project installed)::
+Flower's per-message floor), where a message's time goes on a SuperNode (from time-stamped logs),
+how long the imports take in a fresh interpreter, and how long building the frozen model takes
+without, into and from a backbone cache. No figures when a round had an error reply. Usage (from
+the repository root, any Python environment with the project installed)::
 
     python scripts/bench_message_cost.py                 # 2 SuperNodes, 5 rounds
     python scripts/bench_message_cost.py --rounds 8 --nodes 3 --json bench.json
-    python scripts/bench_message_cost.py --run-config "model-name='ViT-B-32'"   # another model
+    python scripts/bench_message_cost.py --no-backbone-cache
+    python scripts/bench_message_cost.py --run-config "model-name='ViT-B-32' pretrained=''"   # another model
 
 docs/benchmarks.md records the figures; re-run this after changing how the ClientApp loads.
 """
@@ -103,7 +106,7 @@ class Deployment:
         self.port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start_all(self, nodes: int) -> None:
+    def start_all(self, nodes: int, backbone_cache: bool = True) -> None:
         self.start("superlink", "link", "flower-superlink", "--insecure", "--isolation", "process",
                    "--port", str(self.port), "--disable-runtime-dependency-installation")
         self.start("superlink-superexec", "link", "flower-superexec", "--insecure",
@@ -111,9 +114,11 @@ class Deployment:
         for i in range(nodes):
             runtime = free_port()
             state = self.work / f"state-{i}"
+            # Each node's own backbone cache, empty at the start: the first message fills it.
+            cache = self.work / f"backbones-{i}" if backbone_cache else ""
             self.start(f"supernode-{i}", f"node{i}", "flower-supernode", "--insecure",
                        "--superlink", f"127.0.0.1:{self.port}", "--isolation", "process", "--port", str(runtime),
-                       "--node-config", f"partition-id={i} num-partitions={nodes} state-dir='{state}'")
+                       "--node-config", f"partition-id={i} num-partitions={nodes} state-dir='{state}' cache-dir='{cache}'")
             self.start(f"supernode-{i}-superexec", f"node{i}", "flower-superexec", "--insecure",
                        "--runtime-api-address", f"127.0.0.1:{runtime}")
         self.home("ops").joinpath("config.toml").write_text(
@@ -211,6 +216,35 @@ def import_seconds(module: str, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+BUILD = """
+import json, sys, time
+from pathlib import Path
+from common.config import RunConfig
+from common.mma_model import build_mma_clip
+cfg = RunConfig.from_flower(json.loads(sys.argv[1]))
+started = time.monotonic()
+build_mma_clip(cfg, "cpu", Path(sys.argv[2]) if sys.argv[2] else None)
+print(time.monotonic() - started)
+"""
+
+
+def build_seconds(run_config: dict[str, Any], work: Path) -> dict[str, float | None]:
+    """Building the frozen model in a fresh process, after its imports: without the backbone
+    cache, filling an empty cache (build and store), and from a filled cache (memory-mapped).
+    None where the build could not be timed (for example after an API change)."""
+    cache = work / "build-cache"
+    results: dict[str, float | None] = {}
+    for name, cache_arg in (("no cache", ""), ("empty cache", str(cache)), ("filled cache", str(cache))):
+        done = subprocess.run([sys.executable, "-c", BUILD, json.dumps(run_config), cache_arg], cwd=REPO,
+                              capture_output=True, text=True, check=False)
+        try:
+            results[name] = float(done.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            results[name] = None
+            print(f"could not time the model build ({name}): {done.stderr.strip()[-500:]}", flush=True)
+    return results
+
+
 def wait_rows(path: Path, rounds: int, timeout: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -220,6 +254,16 @@ def wait_rows(path: Path, rounds: int, timeout: float) -> list[dict[str, Any]]:
                 return rows[:rounds]
         time.sleep(0.5)
     raise RuntimeError(f"{path}: fewer than {rounds} rounds after {timeout:.0f}s")
+
+
+def check_replies(app: str, rows: list[dict[str, Any]], nodes: int) -> None:
+    """Every round must have had a valid reply from every node: a round of error replies is fast
+    and would make the figures meaningless."""
+    bad = [r for r in rows if r.get("valid-replies") != nodes]
+    if bad:
+        reasons = {reason for r in bad for reason in r.get("rejections", {}).values()}
+        raise SystemExit(f"{app}: rounds {[r['round'] for r in bad]} had fewer than {nodes} valid replies; "
+                         f"no figures. Reasons: {sorted(reasons) or 'see the logs (--keep)'}")
 
 
 def load() -> str:
@@ -237,12 +281,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per app (default 5)")
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes (default 2)")
-    parser.add_argument("--run-config", default="shots=4 test-per-class=2",
+    # The workload is pinned (not left to pyproject's defaults) so that re-runs stay comparable.
+    parser.add_argument("--run-config", default="shots=4 test-per-class=2 local-epochs=1 batch-size=32",
                         help="extra pFedMMA run config, TOML key=value pairs separated by spaces "
-                             "(default: the small shapes data set with the tiny CLIP)")
+                             "(default: 4 shapes images per class, one local epoch, the default model)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, run directory)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per app run")
+    parser.add_argument("--no-backbone-cache", action="store_true",
+                        help="node config cache-dir='': every message builds the backbone instead of memory-mapping it")
     args = parser.parse_args()
 
     with open(REPO / "pyproject.toml", "rb") as f:
@@ -260,25 +307,31 @@ def main() -> None:
           f"Python {platform.python_version()}; load average {load()} before; work dir {work}", flush=True)
     resolved = {**defaults, **overrides}
     print(f"pFedMMA: model-name={resolved['model-name']!r} pretrained={resolved['pretrained']!r}, "
-          f"{args.nodes} SuperNodes, train-only rounds; extra run config: {args.run_config!r}", flush=True)
+          f"{args.nodes} SuperNodes, train-only rounds; extra run config: {args.run_config!r}; backbone cache "
+          f"{'off' if args.no_backbone_cache else 'on (one per node)'}", flush=True)
     print(f"payload: {num_tensors} shared tensors, {num_values:,} float32 values ({num_values * 4 / 1024:.1f} KiB)",
           flush=True)
 
     deployment = Deployment(work)
     try:
-        deployment.start_all(args.nodes)
+        deployment.start_all(args.nodes, backbone_cache=not args.no_backbone_cache)
         print(f"running pFedMMA for {args.rounds} rounds on {args.nodes} SuperNodes ...", flush=True)
         ours_wall = deployment.run(REPO, ours_cfg, args.timeout)
         (run_dir,) = (work / "runs").iterdir()
-        ours = [float(r["seconds"]) for r in wait_rows(run_dir / "metrics.jsonl", args.rounds, 120)]
+        ours_rows = wait_rows(run_dir / "metrics.jsonl", args.rounds, 120)
+        check_replies("pFedMMA", ours_rows, args.nodes)
+        ours = [float(r["seconds"]) for r in ours_rows]
         print(f"running the no-op app for {args.rounds} rounds ...", flush=True)
         noop_wall = deployment.run(NOOP_APP, noop_cfg, args.timeout)
-        noop = [float(r["seconds"]) for r in wait_rows(work / "noop-times.jsonl", args.rounds, 120)]
+        noop_rows = wait_rows(work / "noop-times.jsonl", args.rounds, 120)
+        check_replies("no-op", noop_rows, args.nodes)
+        noop = [float(r["seconds"]) for r in noop_rows]
     finally:
         deployment.close()
     breakdown = message_breakdown(work, args.nodes, args.rounds)
     # What a fresh ClientApp process pays before its handler runs (each figure includes the ones above it).
     imports = {module: import_seconds(module) for module in IMPORTS}
+    builds = build_seconds(resolved, work)
 
     steady = slice(1, None) if args.rounds > 1 else slice(None)  # round 1 also installs the app on each node
     mean_ours, mean_noop = statistics.mean(ours[steady]), statistics.mean(noop[steady])
@@ -306,14 +359,19 @@ def main() -> None:
     print("fresh-interpreter import times (median of 3):")
     for module, seconds in imports.items():
         print(f"  import {module:<20} {seconds:6.2f} s  ({IMPORTS[module]})")
+    print()
+    print(f"building {resolved['model-name']} in a fresh process, after the imports:")
+    for name, built in builds.items():
+        shown = "n/a" if built is None else f"{built:6.2f} s"
+        print(f"  {name:<13} {shown}")
     if args.json:
         args.json.write_text(json.dumps({
-            "cpu-cores": os.cpu_count(), "nodes": args.nodes, "rounds": args.rounds, "run-config": args.run_config,
+            "cpu-cores": os.cpu_count(), "nodes": args.nodes, "backbone-cache": not args.no_backbone_cache, "rounds": args.rounds, "run-config": args.run_config,
             "payload-values": num_values, "pfedmma-seconds": ours, "noop-seconds": noop,
             "mean-steady": {"pfedmma": mean_ours, "noop": mean_noop},
             "ratio": mean_ours / mean_noop, "difference": mean_ours - mean_noop,
             "wall": {"pfedmma": ours_wall, "noop": noop_wall}, "import-seconds": imports,
-            "per-message": breakdown,
+            "per-message": breakdown, "build-seconds": builds,
         }, indent=2) + "\n")
     if args.keep:
         print(f"logs and run directory kept in {work}")
