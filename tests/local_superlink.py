@@ -72,7 +72,22 @@ def flwr_run_until(flwr_home: Path, run_config: str, supernodes: int, marker: st
     except subprocess.TimeoutExpired:
         proc.kill()
         rest, _ = proc.communicate()
+    _wait_until_finished(run_id, env, timeout=180)
     return run_id, "".join(lines) + (rest or "")
+
+
+def _wait_until_finished(run_id: str, env: dict[str, str], timeout: float) -> None:
+    """The ServerApp may finish its current round after `flwr stop`; wait for the final status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = subprocess.run(
+            [FLWR, "ls", "--run-id", run_id, "--format", "json"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )
+        if "finished" in listing.stdout:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"run {run_id} did not reach a finished status within {timeout} s")
 
 
 def flwr_run_in(flwr_home: Path, run_config: str, supernodes: int, timeout: float) -> subprocess.CompletedProcess[str]:
