@@ -13,7 +13,7 @@ beside each), and the run submitted with `flwr run . <connection>` from an opera
   "rejections" with the reason, while the others are averaged.
 
 Each message starts a new ClientApp process (imports, model build), so a round costs tens
-of seconds on two cores; the file takes 10-12 minutes and is marked slow (`pytest -m slow`).
+of seconds on two cores; the file takes 9-12 minutes and is marked slow (`pytest -m slow`).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ip") is None, reason="multi-host tests need `ip` (iproute2)"),
 ]
 
-# A small run: four images per class, two test images per class, the tiny CLIP.
-SMALL = "eval-every=0 test-per-class=2 shots=4"
+# A small run: four images per class, two test images per class, one epoch, the default model.
+SMALL = "eval-every=0 test-per-class=2 shots=4 local-epochs=1"
 # Without evaluation messages a round is one message per client: half the time.
 NO_EVAL = "fraction-evaluate=0.0 min-evaluate-nodes=0"
 
