@@ -56,7 +56,7 @@ class RoundReporter:
             "sampled": stats.sampled_train,
             "valid-replies": stats.valid,
             "rejected-replies": len(stats.rejected),
-            "rejections": {str(k): v for k, v in stats.rejected.items()},
+            "rejections": dict(stats.rejected),
             "bytes-received": stats.bytes_received,
             "seconds": round(now - self.last, 2),
         }

@@ -26,7 +26,17 @@ class RoundStats:
     num_partitions: set[int] = field(default_factory=set)  # as reported by the clients
     private_sources: dict[int, str] = field(default_factory=dict)  # partition id -> init/context/disk
     valid: int = 0
-    rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
+    # "<node id>" -> reason. Errors the SuperLink writes itself (e.g. "Node Unavailable") come
+    # from the SuperLink's id, not the failed node's, so repeated ids get a "#n" suffix rather
+    # than overwriting each other.
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def reject(self, node_id: int, reason: str) -> None:
+        key, n = str(node_id), 1
+        while key in self.rejected:
+            n += 1
+            key = f"{node_id}#{n}"
+        self.rejected[key] = reason
     bytes_received: int = 0
     train_metrics: dict[str, float] = field(default_factory=dict)
     full_eval: bool = False  # whether Base/Novel were asked for this round
@@ -113,7 +123,7 @@ class PFedMMA(FedAvg):
             if problem is None:
                 accepted.append(msg)
             else:
-                stats.rejected[msg.metadata.src_node_id] = problem
+                stats.reject(msg.metadata.src_node_id, problem)
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
         stats.valid = len(accepted)
         for msg in accepted:

@@ -87,7 +87,7 @@ def test_invalid_reply_is_rejected_and_not_averaged(strategy: PFedMMA, case: str
         expected = np.average(np.stack([g[key] for g in good]), axis=0, weights=[10, 30])
         np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
     stats = strategy.stats(4)
-    assert stats.valid == 2 and list(stats.rejected) == [2]
+    assert stats.valid == 2 and list(stats.rejected) == ["2"]
 
 
 def test_bad_weight_and_error_replies_are_rejected(strategy: PFedMMA) -> None:
@@ -97,7 +97,7 @@ def test_bad_weight_and_error_replies_are_rejected(strategy: PFedMMA) -> None:
     arrays, metrics = strategy.aggregate_train(2, [zero_weight, failed])
     assert arrays is None and metrics is None  # global state stays unchanged
     reasons = strategy.stats(2).rejected
-    assert "num-examples=0" in reasons[5]
+    assert "num-examples=0" in reasons["5"]
     assert any("CUDA out of memory" in r for r in reasons.values())
 
 
@@ -141,3 +141,10 @@ def test_schedule_offset_and_client_config_reach_the_messages() -> None:
     evaluate = list(strategy.configure_evaluate(2, template, ConfigRecord(), _Nodes()))
     assert all(m.content["config"]["full-eval"] is True for m in evaluate)  # real round 6
     assert strategy.stats(5).sampled_train == 3 and strategy.stats(6).full_eval
+
+
+def test_errors_from_one_source_are_all_counted(strategy: PFedMMA) -> None:
+    # The SuperLink answers for every unavailable node with its own id: none may overwrite another.
+    unavailable = [Message(metadata=_metadata(1), error=Error(code=0, reason="Node Unavailable")) for _ in range(2)]
+    strategy.aggregate_train(3, unavailable)
+    assert strategy.stats(3).rejected == {"1": "error reply: Node Unavailable", "1#2": "error reply: Node Unavailable"}
