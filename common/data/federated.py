@@ -11,6 +11,7 @@ from functools import lru_cache
 from common.config import RunConfig
 from common.data.base import ClientData, EvalSet, ImageSource, LabeledDataset, SplitSources
 from common.data.registry import load_dataset
+from common.partition import indices_of_classes
 from common.partitions import Partition, make_partition
 from common.transforms import Stats, test_transform, train_transform
 
@@ -70,9 +71,9 @@ def client_data(
     train = _view(sources.train, mine.train_indices, classes, train_tf).dataset
     evals = {"local": _view(sources.test, mine.test_indices, classes, test_tf)}
     if partition.base_classes is not None and partition.novel_classes is not None:
-        evals["base"] = _view(sources.test, _indices_of(sources.test, partition.base_classes), classes, test_tf)
+        evals["base"] = _view(sources.test, indices_of_classes(sources.test.labels, partition.base_classes), classes, test_tf)
         novel = list(partition.novel_classes)
-        evals["novel"] = _view(sources.test, _indices_of(sources.test, novel), novel, test_tf)
+        evals["novel"] = _view(sources.test, indices_of_classes(sources.test.labels, novel), novel, test_tf)
     if cfg.model_selection == "val":
         if sources.val is None:
             raise ValueError(f"model-selection='val' needs a validation split; dataset {sources.name!r} has none")
@@ -82,8 +83,3 @@ def client_data(
             val_idx = [i for i in val_idx if sources.val.domains[i] == mine.domain]
         evals["val"] = _view(sources.val, val_idx, classes, test_tf)
     return ClientData(class_names=[sources.class_names[c] for c in classes], train=train, evals=evals, domain=mine.domain)
-
-
-def _indices_of(source: ImageSource, classes: list[int]) -> list[int]:
-    wanted = set(classes)
-    return [i for i, label in enumerate(source.labels) if int(label) in wanted]
