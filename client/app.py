@@ -1,9 +1,10 @@
-"""The pFedMMA ClientApp.
+"""The ClientApp, one for every method.
 
-Train: load the global shared projections, restore this client's private adapters, train
-E local epochs with this client's own optimiser, store the private adapters, and reply
-with the shared projections only. Evaluate: local test accuracy with the newest shared
-projections and this client's private adapters.
+Train: load the global shared tensors, restore this client's private tensors, train E local
+epochs with this client's own optimiser on the method's loss, store the private tensors, and
+reply with the shared tensors only. Evaluate: accuracy with the tensors the server sent and
+this client's private ones. What is shared or private is the method's role table
+(``common/methods``); nothing here depends on which method runs.
 """
 
 from __future__ import annotations
@@ -11,34 +12,38 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader, Dataset
 
-from client.runtime import initial_private, model_fingerprint, pick_device, shard, shared_model
+from client.runtime import initial_private, pick_device, shard, shared_model
 from client.state_store import PrivateStateStore
 from client.trainer import evaluate, train
 from common.arrays import from_record, to_record
-from common.classify import PromptClassifier
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData
-from common.model import ClipBundle
-from common.roles import Role, build_optimizer, load_role_state, role_state
+from common.methods import Method, StepInputs, method_for
+from common.methods.classifiers import Classifier
+from common.model.clip import ClipBundle
+from common.model.roles import Role
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
 PRIVATE_SOURCES = ("init", "context", "disk")
+SHARED_RECORD = "arrays"  # the record holding the shared tensors, in both directions
 
 
 @dataclass
 class ClientJob:
-    """One message's worth of client work: config, model, data and private store."""
+    """One message's worth of client work: config, method, model, data and private store."""
 
     cfg: RunConfig
     node: NodeConfig
+    method: Method
     device: torch.device
     bundle: ClipBundle
     data: ClientData
@@ -49,21 +54,27 @@ class ClientJob:
         """``namespace`` names the private-state files; the server sends it with each message."""
         cfg = RunConfig.from_flower(context.run_config)
         node = NodeConfig.from_flower(context.node_config)
+        method = method_for(cfg)
         device = pick_device()
         bundle = shared_model(cfg, device, node.cache_dir)
         data = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
         namespace = namespace or cfg.experiment_name or f"run-{context.run_id}"
         store = PrivateStateStore(
-            context.state, node.resolved_state_dir(cfg), namespace, node.partition_id, model_fingerprint(cfg)
+            context.state, node.resolved_state_dir(cfg), namespace, node.partition_id, method.fingerprint()
         )
-        return cls(cfg, node, device, bundle, data, store)
+        return cls(cfg, node, method, device, bundle, data, store)
 
-    def load_adapters(self, shared: ArrayRecord) -> str:
+    def load_state(self, shared: ArrayRecord) -> str:
         """Global shared tensors from the message, private ones from the store (or the init)."""
-        load_role_state(self.bundle.model, Role.SHARED, from_record(shared))
+        roles, model = self.method.roles, self.bundle.model
+        roles.load(model, Role.SHARED, from_record(shared))
         private, source = self.store.load()
-        load_role_state(self.bundle.model, Role.PRIVATE, private if private is not None else initial_private(self.cfg))
+        roles.load(model, Role.PRIVATE, private if private is not None else initial_private(self.cfg))
         return source
+
+    def seed(self, server_round: int, stream: int) -> int:
+        """An independent seed per (run seed, client, round, stream): no draw from a global RNG."""
+        return int(np.random.SeedSequence([self.cfg.seed, self.node.partition_id, server_round, stream]).generate_state(1)[0])
 
     def loader(self, dataset: Dataset, shuffle: bool, server_round: int) -> DataLoader:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.node.partition_id * 1009 + server_round)
@@ -72,15 +83,28 @@ class ClientJob:
             pin_memory=self.device.type == "cuda",
         )
 
-    def classifier(self, class_names: list[str]) -> PromptClassifier:
-        return PromptClassifier(self.bundle.model, self.bundle.tokenizer, class_names, self.device)
+    def classifier(self, class_names: list[str], inputs: StepInputs) -> Classifier:
+        return self.method.classifier(self.bundle.model, self.bundle.tokenizer, class_names, self.device, inputs)
 
 
 def _shared_arrays(msg: Message) -> ArrayRecord:
     records = msg.content.array_records
-    if len(records) != 1:
-        raise ValueError(f"expected one ArrayRecord of shared tensors, got {sorted(records)}")
-    return next(iter(records.values()))
+    if SHARED_RECORD not in records:
+        raise ValueError(f"expected an ArrayRecord {SHARED_RECORD!r} of shared tensors, got {sorted(records)}")
+    return records[SHARED_RECORD]
+
+
+def _step_inputs(msg: Message, job: ClientJob, server_round: int) -> StepInputs:
+    """The message's extra tensor records (only those the method expects) and a seeded generator."""
+    extras = {name: record for name, record in msg.content.array_records.items() if name != SHARED_RECORD}
+    unexpected = sorted(set(extras) - set(job.method.extra_records))
+    if unexpected:
+        raise ValueError(
+            f"method {job.method.name!r} takes records {list(job.method.extra_records)} besides "
+            f"{SHARED_RECORD!r}; the message also has {unexpected}"
+        )
+    generator = torch.Generator().manual_seed(job.seed(server_round, stream=1))
+    return StepInputs({name: from_record(record) for name, record in extras.items()}, generator)
 
 
 def _config(msg: Message) -> dict:
@@ -95,18 +119,21 @@ def _round(msg: Message) -> int:
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
-    source = job.load_adapters(_shared_arrays(msg))
+    if not job.method.trains:
+        raise ValueError(f"method {job.method.name!r} trains nothing; the server should not ask it to")
+    source = job.load_state(_shared_arrays(msg))
     server_round = _round(msg)
-    log.info("client %d round %d: private adapters from %s", job.node.partition_id, server_round, source)
-    model = job.bundle.model
-    optimizer = build_optimizer(model, job.cfg.learning_rate, job.cfg.momentum, job.cfg.weight_decay)
+    log.info("client %d round %d: private state from %s", job.node.partition_id, server_round, source)
+    model, roles = job.bundle.model, job.method.roles
+    optimizer = job.method.optimizer(model)
     loader = job.loader(job.data.train, shuffle=True, server_round=server_round)
-    result = train(job.classifier(job.data.class_names), loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
-    job.store.save(role_state(model, Role.PRIVATE))
+    classifier = job.classifier(job.data.class_names, _step_inputs(msg, job, server_round))
+    result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
+    job.store.save(roles.state(model, Role.PRIVATE))
     # The reply is built from the shared role alone: private tensors never enter a Message.
     content = RecordDict(
         {
-            "arrays": to_record(role_state(model, Role.SHARED)),
+            SHARED_RECORD: to_record(roles.state(model, Role.SHARED)),
             "metrics": MetricRecord(
                 {
                     "num-examples": result.num_examples,
@@ -114,7 +141,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     "train-accuracy": result.accuracy,
                     "partition-id": job.node.partition_id,
                     "num-partitions": job.node.num_partitions,
-                    # Where the private adapters came from (0 init, 1 context.state, 2 disk):
+                    # Where the private tensors came from (0 init, 1 context.state, 2 disk):
                     # lets the server see a restarted node resume rather than re-initialise.
                     "private-source": PRIVATE_SOURCES.index(source),
                 }
@@ -128,17 +155,19 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Local accuracy every time; Base/Novel when the server asks for the full protocol."""
     job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
-    job.load_adapters(_shared_arrays(msg))
+    job.load_state(_shared_arrays(msg))
+    server_round = _round(msg)
+    inputs = _step_inputs(msg, job, server_round)
     full = bool(_config(msg).get("full-eval", True))
     wanted = ("local", "val", "base", "novel") if full else ("local", "val")
-    metrics = MetricRecord({"partition-id": job.node.partition_id})
+    metrics = MetricRecord({"partition-id": job.node.partition_id, "num-partitions": job.node.num_partitions})
     for name in wanted:
         if name not in job.data.evals:
             continue
         eval_set = job.data.evals[name]
-        loader = job.loader(eval_set.dataset, shuffle=False, server_round=_round(msg))
-        # A fresh classifier per set: text features come from this client's current adapters.
-        result = evaluate(job.classifier(eval_set.class_names), loader, job.device, job.cfg.amp)
+        loader = job.loader(eval_set.dataset, shuffle=False, server_round=server_round)
+        # A fresh classifier per set: text features come from this client's current state.
+        result = evaluate(job.classifier(eval_set.class_names, inputs), loader, job.device, job.cfg.amp)
         metrics[f"{name}-accuracy"] = result.accuracy
         if name == "local":
             metrics["local-loss"] = result.loss

@@ -2,7 +2,7 @@
 
 In simulation many virtual clients share one Ray worker and its module globals, so caches
 are keyed by everything that determines their content, and nothing client-specific is
-cached in the model: each client overwrites every adapter tensor (global shared ones from
+cached in the model: each client overwrites every trainable tensor (global shared ones from
 the message, its own private ones from its store) before using it.
 """
 
@@ -17,9 +17,9 @@ import torch
 from common.config import RunConfig
 from common.data.base import ClientData
 from common.data.federated import client_data
-from common.mma_model import build_mma_clip, initial_adapter_state
-from common.model import ClipBundle
-from common.roles import Role
+from common.methods import method_for
+from common.model.clip import ClipBundle, build_clip
+from common.model.roles import Role
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +28,31 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def model_fingerprint(cfg: RunConfig) -> dict[str, str]:
-    """What must match for stored private adapters to be reusable."""
-    keys = ("model-name", "pretrained", "adapter-start", "adapter-end", "adapter-rank", "seed")
-    flat = cfg.to_flower()
-    return {k: str(flat[k]) for k in keys}
-
-
 _MODELS: dict[tuple[str, ...], ClipBundle] = {}
 
 
 def shared_model(cfg: RunConfig, device: torch.device, cache_dir: str = "") -> ClipBundle:
-    """The frozen CLIP with adapters for this config, built once per process.
+    """The frozen CLIP with the method's modules attached, built once per process.
 
     ``cache_dir`` (node config) holds prepared backbone weights that later processes map
     into memory instead of rebuilding; in deployment every message is a new process.
     """
-    key = (*model_fingerprint(cfg).values(), str(cfg.adapter_alpha), str(device))
+    method = method_for(cfg)
+    # Settings baked into modules (adapter alpha, gate scaling) are part of the key too.
+    key = (*method.fingerprint().values(), *map(str, method.settings().values()), str(device))
     if key not in _MODELS:
         _MODELS.clear()  # one backbone per process at a time is enough, and memory matters
-        log.info("building %s (pretrained=%r) on %s", cfg.model_name, cfg.pretrained or "none", device)
-        _MODELS[key] = build_mma_clip(cfg, device, Path(cache_dir) if cache_dir else None)
+        log.info("building %s (pretrained=%r) for %s on %s", cfg.model_name, cfg.pretrained or "none", cfg.method, device)
+        bundle = build_clip(cfg.model_name, cfg.pretrained, device, Path(cache_dir) if cache_dir else None, cfg.seed)
+        method.attach(bundle.model)
+        _MODELS[key] = bundle
     return _MODELS[key]
 
 
 @lru_cache(maxsize=2)
 def initial_private(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The common initial private adapters (the same for every client of a run); read-only."""
-    return initial_adapter_state(cfg)[Role.PRIVATE]
+    """The common initial private tensors (the same for every client of a run); read-only."""
+    return method_for(cfg).initial_state()[Role.PRIVATE]
 
 
 @lru_cache(maxsize=16)

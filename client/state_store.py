@@ -1,4 +1,4 @@
-"""A client's private adapters: kept in ``context.state`` and on the node's disk.
+"""A client's private tensors: kept in ``context.state`` and on the node's disk.
 
 Order of restoration: ``context.state`` (same run, same SuperNode process) -> the node's
 state file (restarted node, resumed experiment) -> the common initialisation. Files are
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,24 +24,24 @@ from common.arrays import from_record, to_record
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "pfedmma.private-adapters"
+STATE_KEY = "pfedmma.private-state"
 
 
 def state_key(namespace: str) -> str:
-    """The ``context.state`` key of one namespace's adapters.
+    """The ``context.state`` key of one namespace's private tensors.
 
     Flower's simulation can hand a node's ``context.state`` to a later run; keying by the
-    namespace keeps a new experiment from picking up another's adapters.
+    namespace keeps a new experiment from picking up another's tensors.
     """
     return f"{STATE_KEY}.{namespace}"
 
 
 class PrivateStateError(RuntimeError):
-    """A stored private state exists but does not belong to this model."""
+    """A stored private state exists but does not belong to this method and model."""
 
 
 class PrivateStateStore:
-    """Private adapters of one client (``partition_id``) in one experiment namespace."""
+    """Private tensors of one client (``partition_id``) in one experiment namespace."""
 
     def __init__(self, state: RecordDict, directory: Path, namespace: str, partition_id: int, fingerprint: Mapping[str, str]):
         self.state = state
@@ -52,24 +52,36 @@ class PrivateStateStore:
     def load(self) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The stored private tensors and where they came from ("context", "disk"), or (None, "init")."""
         if self.key in self.state.array_records:
+            # The same namespace may have been used by another method or model in this process.
+            stored = dict(self.state.config_records.get(self._fingerprint_key, ConfigRecord()))
+            self._check(stored, f"context.state[{self.key!r}]")
             return from_record(self.state.array_records[self.key]), "context"
         if self.path.exists():
             return self._read_file(), "disk"
         return None, "init"
 
     def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if not tensors:  # a method with nothing private (promptfl, fedavg-mma) keeps nothing
+            return
         self.state.array_records[self.key] = to_record(tensors)
+        self.state.config_records[self._fingerprint_key] = ConfigRecord(dict(self.fingerprint))
         self._write_file(tensors)
+
+    @property
+    def _fingerprint_key(self) -> str:
+        return f"{self.key}.fingerprint"
+
+    def _check(self, stored: Mapping[str, object], where: str) -> None:
+        if stored != self.fingerprint:
+            raise PrivateStateError(
+                f"{where} holds private tensors for {dict(stored)}, but this run has {self.fingerprint}; "
+                "use another experiment-name or state-dir, or remove the file to start from the common init"
+            )
 
     def _read_file(self) -> dict[str, torch.Tensor]:
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
-        stored = json.loads(meta.get("fingerprint", "{}"))
-        if stored != self.fingerprint:
-            raise PrivateStateError(
-                f"{self.path} holds private adapters for {stored}, but this run has {self.fingerprint}; "
-                "use another experiment-name or state-dir, or remove the file to start from the common init"
-            )
+        self._check(json.loads(meta.get("fingerprint", "{}")), str(self.path))
         return load_file(str(self.path))
 
     def _write_file(self, tensors: Mapping[str, torch.Tensor]) -> None:

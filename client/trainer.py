@@ -1,4 +1,4 @@
-"""Local training and evaluation of the adapters on one client's data."""
+"""Local training and evaluation of a method's trainable tensors on one client's data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common.classify import PromptClassifier
+from common.methods.classifiers import Classifier
 
 
 @dataclass(frozen=True)
@@ -26,41 +26,44 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
 
 
 def train(
-    classifier: PromptClassifier,
+    classifier: Classifier,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
     amp: bool = True,
 ) -> LoopResult:
-    """``epochs`` passes over ``loader``; text features are recomputed every step."""
+    """``epochs`` passes over ``loader`` minimising the method's loss; text features are
+    recomputed every step (text adapters and prompts train too)."""
     total_loss, correct, seen = 0.0, 0, 0
+    classifier.set_training(True)
     for _ in range(epochs):
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with _autocast(device, amp):
-                logits = classifier.logits(images)  # text adapters train too: no cached text
-                loss = F.cross_entropy(logits.float(), labels)
+                loss, logits = classifier.loss(images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(labels)
+    classifier.set_training(False)
     if seen == 0:
         raise ValueError("the training loader yielded no examples")
     return LoopResult(total_loss / seen, correct / seen, seen // epochs)
 
 
 @torch.no_grad()
-def evaluate(classifier: PromptClassifier, loader: DataLoader, device: torch.device, amp: bool = True) -> LoopResult:
-    """Loss and accuracy with the model's current adapters (text features computed once here)."""
+def evaluate(classifier: Classifier, loader: DataLoader, device: torch.device, amp: bool = True) -> LoopResult:
+    """Loss and accuracy with the current trainable state (class features computed once here)."""
     total_loss, correct, seen = 0.0, 0, 0
+    classifier.set_training(False)
     with _autocast(device, amp):
-        text_features = classifier.text_features()
+        classes = classifier.class_features()
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            logits = classifier.logits(images, text_features).float()
+            logits = classifier.logits(images, classes).float()
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(labels)

@@ -40,6 +40,8 @@ class RunConfig(BaseModel):
     min_available_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)  # seconds to wait for replies per round
     seed: int = Field(0, ge=0)
+    # method (SPEC §5): a key of common.methods.METHODS
+    method: str = "pfedmma"
     # model
     model_name: str = "ViT-B-16"
     pretrained: str = "openai"
@@ -50,11 +52,28 @@ class RunConfig(BaseModel):
     # local training (each client owns its optimiser; paper: SGD 1e-3, m 0.9, wd 5e-4)
     local_epochs: int = Field(2, gt=0)
     batch_size: int = Field(32, gt=0)
-    learning_rate: float = Field(0.001, gt=0.0)
+    learning_rate: float = Field(0.001, gt=0.0)  # the adapter methods: pfedmma, local, fedavg-mma
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0005, ge=0.0)
     crop_scale_min: float = Field(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower scale
     amp: StrictBool = True  # mixed precision; only used on CUDA
+    # learned prompts (CoOp: promptfl, fedpgp, pfedmoap)
+    prompt_tokens: int = Field(16, gt=0)  # context vectors per prompt (CoOp's n_ctx)
+    promptfl_learning_rate: float = Field(0.002, gt=0.0)  # CoOp's ViT-B/16 config
+    fedpgp_learning_rate: float = Field(0.001, gt=0.0)  # the authors' scripts
+    fedpgp_prompts: int = Field(2, gt=0)  # N prompts per class
+    fedpgp_rank: int = Field(8, gt=0)  # bottleneck of U V
+    fedpgp_mu: float = Field(0.5, ge=0.0)  # weight of the contrastive term
+    fedpgp_temperature: float = Field(0.5, gt=0.0)
+    pfedmoap_learning_rate: float = Field(0.002, gt=0.0)  # the prompt's SGD
+    pfedmoap_gate_learning_rate: float = Field(0.01, gt=0.0)  # the gate's SGD
+    pfedmoap_experts: int = Field(10, ge=1)  # K: the local prompt plus up to K - 1 non-local ones
+    pfedmoap_selection: Literal["nearest", "random"] = "nearest"  # how the server picks experts
+    pfedmoap_lambda: float = Field(0.5, ge=0.0)  # weight of the local logits
+    pfedmoap_gate_dim: int = Field(128, gt=0)  # features sub-sampled to this width for the gate
+    pfedmoap_gate_heads: int = Field(8, gt=0)
+    pfedmoap_gate_scaling: float = Field(10.0, gt=0.0)  # attention score scale
+    pfedmoap_gate_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # on the attention weights
     # data and partition (SPEC §3)
     dataset: str = "shapes"  # a name from common.data.registry.DATASET_NAMES
     data_dir: str = ""  # default for nodes that set none
@@ -72,6 +91,15 @@ class RunConfig(BaseModel):
     experiment_name: str = ""  # names the private-state namespace; "" = this run's id
     state_dir: str = ""  # default for nodes that set none; "" = ~/.cache/pfedmma/state
     resume_from: str = ""  # a run directory to continue after its last completed round
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from common.methods import METHODS
+
+        if name not in METHODS:
+            raise ValueError(f"unknown method; valid: {', '.join(METHODS)}")
+        return name
 
     @field_validator("dataset")
     @classmethod

@@ -188,9 +188,10 @@ class Deployment:
 def shared_payload(run_config: dict[str, Any]) -> tuple[int, int]:
     """(tensor count, value count) of pFedMMA's shared state for this run config."""
     sys.path.insert(0, str(REPO))
-    from common.config import RunConfig
     from common.mma_model import initial_adapter_state
-    from common.roles import Role
+
+    from common.config import RunConfig
+    from common.model.roles import Role
 
     shared = initial_adapter_state(RunConfig.from_flower(run_config))[Role.SHARED]
     return len(shared), sum(math.prod(t.shape) for t in shared.values())
@@ -200,7 +201,7 @@ IMPORTS = {
     "noop.client_app": "the no-op ClientApp: Python + Flower",
     "torch": "PyTorch",
     "open_clip": "open_clip (+ torchvision)",
-    "common.partitions": "our partitioning (+ datasets, flwr-datasets)",
+    "common.data.partition": "our partitioning (+ datasets, flwr-datasets)",
     "client.app": "the pFedMMA ClientApp module",
 }
 

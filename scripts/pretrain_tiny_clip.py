@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 from common.data.novel_split import PRETRAIN_BASE_LABELS, PRETRAIN_NOVEL_LABELS
 from common.data.shapes import COLOURS, SHAPES, STYLES, ShapesSource, caption, class_names
-from common.model import build_clip
+from common.model.clip import build_clip
 
 MODEL_NAME = "pfedmma-tiny"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "common" / "weights" / "pfedmma-tiny-shapes.safetensors"

@@ -1,44 +1,47 @@
-"""The pFedMMA ServerApp: seeds (or resumes) the global shared projections, runs the rounds,
-writes results."""
+"""The ServerApp, one for every method: seeds (or resumes) the method's global shared tensors,
+runs the rounds with the method's strategy, writes results."""
 
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.arrays import to_record
 from common.config import RunConfig
-from common.mma_model import initial_adapter_state
-from common.roles import Role
+from common.methods import Method, method_for
+from common.model.clip import backbone_parameter_count
+from common.model.roles import Role
 from server.partition_record import PartitionRecorder
 from server.progress import RoundReporter
 from server.run_dir import ResumeError, RunDirectory
-from server.strategy import PFedMMA
+from server.strategies import STRATEGIES
 from server.validation import specs_of
 
 log = logging.getLogger(__name__)
 
 app = ServerApp()
 
-# Settings a resumed run must share with the run it continues.
+# Settings a resumed run must share with the run it continues (the method adds its model keys).
 RESUME_MUST_MATCH = (
-    "model-name", "pretrained", "adapter-start", "adapter-end", "adapter-rank", "adapter-alpha", "seed",
+    "method", "model-name", "pretrained", "seed",
     "dataset", "dataset-domains", "partition", "shots", "dirichlet-beta", "classes-per-client",
 )
 
 
-def _open_run(cfg: RunConfig, run_id: int, initial: ArrayRecord) -> tuple[RunDirectory, ArrayRecord, int]:
+def _open_run(cfg: RunConfig, method: Method, run_id: int, initial: ArrayRecord, num_rounds: int) -> tuple[RunDirectory, ArrayRecord, int]:
     """The run directory, the global state to start from and the rounds already done."""
     if not cfg.resume_from:
         namespace = cfg.experiment_name or f"run-{run_id}"
         return RunDirectory.create(Path(cfg.output_dir), run_id, cfg.to_flower(), namespace), initial, 0
-    run_dir = RunDirectory.resume(Path(cfg.resume_from), run_id, cfg.to_flower(), RESUME_MUST_MATCH)
+    must_match = (*RESUME_MUST_MATCH, *method.model_keys)
+    run_dir = RunDirectory.resume(Path(cfg.resume_from), run_id, cfg.to_flower(), must_match)
     done = run_dir.last_completed_round()
-    if done >= cfg.num_server_rounds:
+    if done >= num_rounds:
         raise ResumeError(
             f"resume-from={cfg.resume_from!r} already completed {done} rounds; "
             f"num-server-rounds={cfg.num_server_rounds} leaves nothing to run (raise it to continue)"
@@ -52,19 +55,44 @@ def _open_run(cfg: RunConfig, run_id: int, initial: ArrayRecord) -> tuple[RunDir
     return run_dir, restored, done
 
 
+def method_record(cfg: RunConfig, method: Method, initial: dict[Role, dict[str, Any]]) -> dict[str, Any]:
+    """What the run directory says about the method: settings, parameter counts, tensors by role."""
+    counts = {role.value: sum(math.prod(t.shape) for t in initial[role].values()) for role in (Role.SHARED, Role.PRIVATE)}
+    return {
+        "method": method.name,
+        "summary": method.summary,
+        "strategy": method.strategy,
+        "settings": method.settings(),
+        "parameters": {
+            "trainable-per-client": counts["shared"] + counts["private"],
+            "shared": counts["shared"],
+            "private": counts["private"],
+            "frozen": backbone_parameter_count(cfg.model_name),
+        },
+        "tensors": {
+            role.value: {name: list(t.shape) for name, t in sorted(initial[role].items())} for role in (Role.SHARED, Role.PRIVATE)
+        },
+    }
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
-    # Only the shared projections ever exist on the server; they start from the same seed
-    # that every client uses for its own initial adapters.
-    initial = to_record(initial_adapter_state(cfg)[Role.SHARED])
-    run_dir, start_arrays, done = _open_run(cfg, context.run_id, initial)
-    strategy = PFedMMA(
+    method = method_for(cfg)
+    # Only the shared tensors ever exist on the server; they start from the same seed that
+    # every client uses for its own initial private tensors.
+    initial_state = method.initial_state()
+    initial = to_record(initial_state[Role.SHARED])
+    # A method that trains nothing has one evaluation to make, not num-server-rounds equal ones.
+    num_rounds = cfg.num_server_rounds if method.trains else 1
+    run_dir, start_arrays, done = _open_run(cfg, method, context.run_id, initial, num_rounds)
+    strategy = STRATEGIES[method.strategy].from_config(
+        cfg,
         specs_of(initial),
-        num_rounds=cfg.num_server_rounds,
+        num_rounds=num_rounds,
         eval_every=cfg.eval_every,
         round_offset=done,
-        # Clients keep private adapters under this name, so a resumed run finds them again.
+        # Clients keep private tensors under this name, so a resumed run finds them again.
         client_config={"state-namespace": run_dir.run_info()["state-namespace"]},
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -72,10 +100,17 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=cfg.min_evaluate_nodes,
         min_available_nodes=cfg.min_available_nodes,
     )
-    num_shared = sum(math.prod(a.shape) for a in initial.values())
-    print(f"[pfedmma] run {context.run_id}: rounds {done + 1}..{cfg.num_server_rounds}, {cfg.model_name}, "
-          f"{len(initial)} shared tensors ({num_shared:,} values); writing {run_dir.path}", flush=True)
-    reporter = RoundReporter(strategy, run_dir, cfg.num_server_rounds, cfg.model_selection, run_dir.completed_rounds())
+    if done:
+        strategy.load_server_state(*run_dir.load_server_state(done))
+    record = method_record(cfg, method, initial_state)
+    run_dir.write_method(record)
+    params = record["parameters"]
+    print(f"[pfedmma] run {context.run_id}: method {method.name} ({method.summary}); rounds {done + 1}..{num_rounds}, "
+          f"{cfg.model_name}; per client {params['trainable-per-client']:,} trainable = {params['shared']:,} shared "
+          f"+ {params['private']:,} private ({params['frozen']:,} frozen); writing {run_dir.path}", flush=True)
+    if not method.trains and cfg.num_server_rounds != 1:
+        print(f"[pfedmma] {method.name} trains nothing: one evaluation round instead of {cfg.num_server_rounds}", flush=True)
+    reporter = RoundReporter(strategy, run_dir, num_rounds, cfg.model_selection, run_dir.completed_rounds(), record)
     partition = PartitionRecorder(cfg, strategy, run_dir)
 
     def end_round(loop_round, arrays):  # type: ignore[no-untyped-def]
@@ -85,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy.start(
         grid=grid,
         initial_arrays=start_arrays,
-        num_rounds=cfg.num_server_rounds - done,
+        num_rounds=num_rounds - done,
         timeout=cfg.round_timeout,
         evaluate_fn=end_round,
     )

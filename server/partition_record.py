@@ -12,13 +12,13 @@ import logging
 from common.config import RunConfig
 from common.data.federated import partition_for
 from server.run_dir import RunDirectory
-from server.strategy import PFedMMA
+from server.strategies import SharedFedAvg
 
 log = logging.getLogger(__name__)
 
 
 class PartitionRecorder:
-    def __init__(self, cfg: RunConfig, strategy: PFedMMA, run_dir: RunDirectory) -> None:
+    def __init__(self, cfg: RunConfig, strategy: SharedFedAvg, run_dir: RunDirectory) -> None:
         self.cfg, self.strategy, self.run_dir = cfg, strategy, run_dir
         self.done = False
 

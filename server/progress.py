@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from common.arrays import from_record
 from common.metrics import per_domain_means, summarize
 from server.run_dir import RunDirectory
-from server.strategy import PFedMMA
+from server.strategies import SharedFedAvg
 
 
 class RoundReporter:
@@ -19,12 +19,14 @@ class RoundReporter:
 
     def __init__(
         self,
-        strategy: PFedMMA,
+        strategy: SharedFedAvg,
         run_dir: RunDirectory,
         num_rounds: int,
         model_selection: str = "last",
         history: list[dict[str, Any]] | None = None,
+        method: dict[str, Any] | None = None,
     ) -> None:
+        self.method = dict(method or {})  # the run's method.json record
         self.strategy = strategy
         self.run_dir = run_dir
         self.num_rounds = num_rounds
@@ -38,12 +40,14 @@ class RoundReporter:
                 self.run_dir.save_global(0, from_record(arrays))
             return None
         server_round = self.strategy.real_round(loop_round)
+        self.run_dir.save_server_state(server_round, *self.strategy.server_state())
         self.run_dir.save_global(server_round, from_record(arrays))
         now = time.monotonic()
         stats = self.strategy.stats(server_round)
         summary = summarize(stats.evaluation) if stats.evaluation else {}
         row = {
             "round": server_round,
+            "method": self.method.get("method"),
             "train-loss": stats.train_metrics.get("train-loss"),
             "train-accuracy": stats.train_metrics.get("train-accuracy"),
             "local-accuracy": summary.get("local"),
@@ -58,6 +62,8 @@ class RoundReporter:
             "rejected-replies": len(stats.rejected),
             "rejections": dict(stats.rejected),
             "bytes-received": stats.bytes_received,
+            # Tensor values each client received (train + evaluate instructions) and sent back.
+            "communication": self.strategy.communication(server_round),
             "seconds": round(now - self.last, 2),
         }
         self.last = now
@@ -88,6 +94,9 @@ class RoundReporter:
             print(final["table"], flush=True)
         last = self.history[-1] if self.history else {}
         summary = {
+            "method": self.method.get("method"),
+            "parameters": self.method.get("parameters", {}),
+            "communication": communication_summary(self.history),
             "rounds-completed": len(self.history),
             "model-selection": self.model_selection,
             "selected-round": chosen,
@@ -101,8 +110,21 @@ class RoundReporter:
             "run-dir": str(self.run_dir.path),
         }
         self.run_dir.write_summary(summary)
-        print(f"[pfedmma] done: {summary['rounds-completed']} rounds; results in {self.run_dir.path}", flush=True)
+        print(f"[pfedmma] done ({summary['method']}): {summary['rounds-completed']} rounds; results in {self.run_dir.path}", flush=True)
         return summary
+
+
+def communication_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean tensor values per client per round, each way, and the run's totals."""
+    cells = [c for row in history for c in row.get("communication", {}).values()]
+    up = [c["floats-up"] for c in cells]
+    down = [c["floats-down"] for c in cells]
+    return {
+        "floats-up-per-client-round": sum(up) / len(up) if up else 0.0,
+        "floats-down-per-client-round": sum(down) / len(down) if down else 0.0,
+        "total-floats-up": sum(up),
+        "total-floats-down": sum(down),
+    }
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

@@ -4,8 +4,11 @@ Layout::
 
     <output-dir>/<timestamp>-run<id>/
         config.json            resolved run config
+        method.json            the method: settings, parameters per role, tensor names by role
         metrics.jsonl          one JSON object per round
         global/round-000.safetensors ...   global shared state after every round
+        server/round-001.safetensors ...   what the strategy keeps besides it (pFedMoAP: each
+                               client's latest prompt), for methods that keep anything
         partition.json         which classes and how many images each client holds
         evaluation.json/.md/.csv   Local/Base/Novel/HM per client at the reported round
         summary.json           final results
@@ -21,7 +24,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from common.metrics import csv_rows, markdown_table, per_domain_means, summarize
@@ -105,6 +112,30 @@ class RunDirectory:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         tmp.replace(path)  # a checkpoint is either complete or absent
         return path
+
+    def server_state_path(self, server_round: int) -> Path:
+        return self.path / "server" / f"round-{server_round:03d}.safetensors"
+
+    def save_server_state(self, server_round: int, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        if not arrays and not metadata:
+            return
+        path = self.server_state_path(server_round)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=dict(metadata))
+        tmp.replace(path)
+
+    def load_server_state(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The strategy's state after ``server_round`` ({} and {} when it kept none)."""
+        path = self.server_state_path(server_round)
+        if not path.is_file():
+            return {}, {}
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+        return load_numpy(str(path)), metadata
+
+    def write_method(self, record: Mapping[str, Any]) -> None:
+        self._write_json("method.json", dict(record))
 
     def append_round(self, row: Mapping[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:

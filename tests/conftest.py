@@ -52,3 +52,19 @@ def flwr_home(tmp_path: Path):
     home.mkdir()
     yield home
     stop_processes_under(home)
+
+
+class Nodes:
+    """Just enough of a Grid for sampling: three connected nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 12, 13]
+
+
+@pytest.fixture
+def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a ServerApp process has set when the strategy builds instruction messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)

@@ -8,9 +8,12 @@ import pytest
 import torch
 from open_clip.transformer import ResidualAttentionBlock
 
-from common.adapters import AdaptedBlock, MMAAdapters, adapter_parameter_count, attach_mma
-from common.model import build_clip
-from common.roles import Role, apply_roles, parameter_roles
+from common.methods.pfedmma import PFedMMA
+from common.model.adapters import AdaptedBlock, MMAAdapters, adapter_parameter_count, attach_mma
+from common.model.clip import build_clip
+from common.model.roles import Role
+
+ROLES = PFedMMA.roles  # down/up private, cross-tower shared
 
 ALPHA = 0.001
 
@@ -72,17 +75,13 @@ def test_zeroed_up_projection_gives_frozen_clip_features() -> None:
 
 
 def _counts(model: torch.nn.Module) -> dict[Role, int]:
-    roles = parameter_roles(model)
-    counts = dict.fromkeys(Role, 0)
-    for name, p in model.named_parameters():
-        counts[roles[name]] += p.numel()
-    return counts
+    return ROLES.counts(model)
 
 
 def test_vit_b16_parameter_counts() -> None:
     model = build_clip("ViT-B-16", "").model
     attach_mma(model, 5, 12, rank=32, alpha=ALPHA)
-    apply_roles(model)
+    ROLES.apply(model)
     counts = _counts(model)
     assert counts[Role.SHARED] == 8_448
     assert counts[Role.PRIVATE] + counts[Role.SHARED] == 674_560
@@ -94,7 +93,7 @@ def test_vit_b16_parameter_counts() -> None:
 def test_small_config_matches_formula(start: int, end: int, rank: int) -> None:
     model = build_clip("pfedmma-tiny", "").model
     attach_mma(model, start, end, rank=rank, alpha=ALPHA)
-    apply_roles(model)
+    ROLES.apply(model)
     expected = adapter_parameter_count(d_text=128, d_image=128, rank=rank, num_blocks=end - start + 1)
     counts = _counts(model)
     assert counts[Role.SHARED] == expected["shared"]
@@ -106,7 +105,7 @@ def test_roles_are_structural_not_by_name() -> None:
     attach_mma(model, 2, 3, rank=4, alpha=ALPHA)
     # A frozen module whose name contains "shared" must stay frozen.
     model.register_module("shared_lookalike", torch.nn.Linear(2, 2))
-    roles = parameter_roles(model)
+    roles = ROLES.of(model)
     assert roles["shared_lookalike.weight"] is Role.FROZEN
     assert {roles[n] for n in roles if n.startswith("mma.shared.")} == {Role.SHARED}
     assert {roles[n] for n in roles if n.startswith(("mma.down.", "mma.up."))} == {Role.PRIVATE}
@@ -117,7 +116,7 @@ def test_roles_are_structural_not_by_name() -> None:
 def test_shared_projection_gets_gradients_from_both_towers() -> None:
     model = build_clip("pfedmma-tiny", "").model
     attach_mma(model, 4, 4, rank=8, alpha=ALPHA, seed=3)
-    apply_roles(model)
+    ROLES.apply(model)
     shared_w = model.mma.shared["4"].linear.weight
     model.encode_image(torch.randn(2, 3, 32, 32)).sum().backward()
     image_only = shared_w.grad.clone()
@@ -139,7 +138,7 @@ def test_init_is_kaiming_fan_out_with_zero_bias_and_seeded() -> None:
     # kaiming fan_out, relu: std = sqrt(2 / fan_out); the down projection's fan_out is the rank.
     w = torch.cat([a.down["image"][str(k)].linear.weight.flatten() for k in (1, 2)])
     assert abs(w.std().item() - (2 / 32) ** 0.5) < 0.02
-    from common.adapters import seeded_adapters
+    from common.model.adapters import seeded_adapters
 
     s1, s2 = seeded_adapters([1], 64, 96, 32, seed=7), seeded_adapters([1], 64, 96, 32, seed=7)
     assert all(torch.equal(p, q) for p, q in zip(s1.parameters(), s2.parameters()))
@@ -150,7 +149,7 @@ def test_standard_vit_configs_match_formula(name: str, d_text: int, d_image: int
     model = build_clip(name, "").model
     start = 5  # the paper's blocks 5..12 of the (shallower) text tower
     attach_mma(model, start, 12, rank=32, alpha=ALPHA)
-    apply_roles(model)
+    ROLES.apply(model)
     expected = adapter_parameter_count(d_text=d_text, d_image=d_image, rank=32, num_blocks=8)
     counts = _counts(model)
     adapted = [i for i, b in enumerate(model.visual.transformer.resblocks) if isinstance(b, AdaptedBlock)]
@@ -165,16 +164,16 @@ def test_standard_vit_configs_match_formula(name: str, d_text: int, d_image: int
 
 def test_text_features_follow_the_current_adapters() -> None:
     # The reference cached text features once; here each call reflects the adapters' state.
-    from common.classify import PromptClassifier
-    from common.model import build_clip as build
+    from common.methods.classifiers import HandcraftedPromptClassifier
+    from common.model.clip import build_clip as build
 
     bundle = build("pfedmma-tiny", "")
     attach_mma(bundle.model, 1, 4, rank=8, alpha=1.0, seed=0)
-    classifier = PromptClassifier(bundle.model, bundle.tokenizer, ["red circle", "blue_square"], "cpu")
+    classifier = HandcraftedPromptClassifier(bundle.model, bundle.tokenizer, ["red circle", "blue_square"], "cpu")
     assert classifier.tokens.shape[0] == 2
     with torch.no_grad():
-        before = classifier.text_features()
+        before = classifier.class_features()
         for up in bundle.model.mma.up["text"].values():
             up.linear.bias.add_(0.5)
-        after = classifier.text_features()
+        after = classifier.class_features()
     assert not torch.allclose(before, after)

@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from common.model import build_clip
+from common.model.clip import build_clip
 
 
 def _features(model, size: int = 32) -> torch.Tensor:

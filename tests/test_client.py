@@ -14,14 +14,15 @@ from client.runtime import pick_device, shared_model
 from client.state_store import PrivateStateError, PrivateStateStore, state_key
 from common.arrays import from_record
 from common.config import RunConfig
-from common.mma_model import initial_adapter_state
-from common.roles import Role, parameter_roles, role_state
+from common.methods import method_for
+from common.methods.pfedmma import PFedMMA
+from common.model.roles import Role
 from tests.flower_messages import RUN_ID, context, instruction, wire_bytes
 
 
 @pytest.fixture
 def initial(tiny_cfg: RunConfig) -> dict[Role, dict[str, torch.Tensor]]:
-    return initial_adapter_state(tiny_cfg)
+    return method_for(tiny_cfg).initial_state()
 
 
 def _train(run_config: dict[str, Any], shared, server_round: int, partition_id: int, state: RecordDict | None = None):
@@ -55,7 +56,7 @@ def test_train_reply_carries_only_shared_tensors(run_config, tiny_cfg, initial) 
 
 def test_training_changes_only_adapter_tensors(run_config, tiny_cfg, initial) -> None:
     model = shared_model(tiny_cfg, pick_device()).model
-    roles = parameter_roles(model)
+    roles = PFedMMA.roles.of(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     reply, _ = _train(run_config, initial[Role.SHARED], 1, partition_id=0)
@@ -85,18 +86,18 @@ def test_private_state_survives_rounds_restart_and_starts_from_init(run_config, 
     job = ClientJob.from_context(context(run_config, 0, state=state))
     from common.arrays import to_record
 
-    assert job.load_adapters(to_record(initial[Role.SHARED])) == "context"
-    assert all(torch.equal(v, stored[k]) for k, v in role_state(job.bundle.model, Role.PRIVATE).items())
+    assert job.load_state(to_record(initial[Role.SHARED])) == "context"
+    assert all(torch.equal(v, stored[k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
 
     # A restarted node has an empty context.state: the adapters come back from disk.
     job = ClientJob.from_context(context(run_config, 0, state=RecordDict()))
-    assert job.load_adapters(to_record(initial[Role.SHARED])) == "disk"
-    assert all(torch.equal(v, stored[k]) for k, v in role_state(job.bundle.model, Role.PRIVATE).items())
+    assert job.load_state(to_record(initial[Role.SHARED])) == "disk"
+    assert all(torch.equal(v, stored[k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
 
     # A client that never trained starts from the common initialisation.
     job = ClientJob.from_context(context(run_config, 2))
-    assert job.load_adapters(to_record(initial[Role.SHARED])) == "init"
-    assert all(torch.equal(v, initial[Role.PRIVATE][k]) for k, v in role_state(job.bundle.model, Role.PRIVATE).items())
+    assert job.load_state(to_record(initial[Role.SHARED])) == "init"
+    assert all(torch.equal(v, initial[Role.PRIVATE][k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
 
 
 def test_evaluate_reply_has_metrics_only(run_config, initial) -> None:
@@ -146,4 +147,4 @@ def test_context_state_of_another_namespace_is_not_used(run_config, initial) -> 
     from common.arrays import to_record
 
     job = ClientJob.from_context(context(run_config, 0, state=state), namespace="another-experiment")
-    assert job.load_adapters(to_record(initial[Role.SHARED])) == "init"
+    assert job.load_state(to_record(initial[Role.SHARED])) == "init"

@@ -25,6 +25,13 @@ def test_pyproject_defaults_validate_and_cover_every_key() -> None:
         ({"dataset": "mnist"}, "dataset='mnist' is invalid"),
         ({"adapter-start": 4, "adapter-end": 2}, "adapter-end=2 is below adapter-start=4"),
         ({"learnin-rate": 0.1}, "unknown key 'learnin-rate'; valid keys: adapter-alpha"),
+        (
+            {"method": "fedprox"},
+            "method='fedprox' is invalid: unknown method; valid: pfedmma, zeroshot, local, fedavg-mma, promptfl, fedpgp, pfedmoap",
+        ),
+        ({"pfedmoap-selection": "closest"}, "pfedmoap-selection='closest' is invalid: Input should be 'nearest' or 'random'"),
+        ({"pfedmoap-gate-dropout": 1.0}, "pfedmoap-gate-dropout=1.0 is invalid"),
+        ({"fedpgp-rank": 0}, "fedpgp-rank=0 is invalid"),
     ],
 )
 def test_bad_values_are_named(override: dict, message: str) -> None:

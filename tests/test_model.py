@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.model import _resolve_pretrained, build_clip
+from common.model.clip import _resolve_pretrained, build_clip
 
 
 def test_pretrained_file_path_loads_identical_weights(tmp_path: Path) -> None:

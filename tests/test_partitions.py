@@ -1,4 +1,4 @@
-"""Properties of the seeded partitions in common/partitions.py: coverage, disjointness, shots, seeds."""
+"""Properties of the seeded partitions in common/data/partition.py: coverage, disjointness, shots, seeds."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from common.data.base import ImageSource
+from common.data.partition import SCHEMES, Partition, make_partition
 from common.data.shapes import ShapesSource
-from common.partitions import SCHEMES, Partition, make_partition
 
 
 class Labels(ImageSource):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from common.data.novel_split import PRETRAIN_BASE_LABELS, PRETRAIN_NOVEL_LABELS
 from common.data.shapes import COLOURS, SHAPES, STYLES, ShapesSource, class_names
-from common.model import build_clip
+from common.model.clip import build_clip
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "common" / "weights" / "pfedmma-tiny-shapes.safetensors"
 

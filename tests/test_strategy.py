@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from server.strategy import PFedMMA
+from common.arrays import to_record
+from common.config import RunConfig
+from common.methods import METHODS, method_for
+from common.model.roles import Role
+from server.strategies import STRATEGIES, SharedFedAvg
 from server.validation import specs_of
+from tests.conftest import Nodes
 
 SHAPES = {"mma.shared.1.linear.weight": (4, 4), "mma.shared.1.linear.bias": (4,)}
 
@@ -43,12 +48,12 @@ def _metadata(node_id: int) -> Metadata:
 
 
 @pytest.fixture
-def strategy() -> PFedMMA:
+def strategy() -> SharedFedAvg:
     template = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
-    return PFedMMA(specs_of(template), num_rounds=3)
+    return SharedFedAvg(specs_of(template), num_rounds=3)
 
 
-def test_aggregation_is_example_weighted_mean(strategy: PFedMMA) -> None:
+def test_aggregation_is_example_weighted_mean(strategy: SharedFedAvg) -> None:
     rng = np.random.default_rng(0)
     clients = [_arrays(rng) for _ in range(3)]
     weights = [5, 20, 75]
@@ -76,7 +81,7 @@ BAD_REPLIES: dict[str, dict[str, np.ndarray | None]] = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REPLIES))
-def test_invalid_reply_is_rejected_and_not_averaged(strategy: PFedMMA, case: str) -> None:
+def test_invalid_reply_is_rejected_and_not_averaged(strategy: SharedFedAvg, case: str) -> None:
     rng = np.random.default_rng(1)
     good = [_arrays(rng), _arrays(rng)]
     bad = _arrays(rng, BAD_REPLIES[case])
@@ -90,7 +95,7 @@ def test_invalid_reply_is_rejected_and_not_averaged(strategy: PFedMMA, case: str
     assert stats.valid == 2 and list(stats.rejected) == ["2"]
 
 
-def test_bad_weight_and_error_replies_are_rejected(strategy: PFedMMA) -> None:
+def test_bad_weight_and_error_replies_are_rejected(strategy: SharedFedAvg) -> None:
     rng = np.random.default_rng(2)
     zero_weight = _reply(5, _arrays(rng), num_examples=0)
     failed = Message(metadata=_metadata(6), error=Error(code=0, reason="CUDA out of memory"))
@@ -101,7 +106,7 @@ def test_bad_weight_and_error_replies_are_rejected(strategy: PFedMMA) -> None:
     assert any("CUDA out of memory" in r for r in reasons.values())
 
 
-def test_local_accuracy_is_unweighted_mean_over_clients(strategy: PFedMMA) -> None:
+def test_local_accuracy_is_unweighted_mean_over_clients(strategy: SharedFedAvg) -> None:
     replies = []
     for pid, (acc, n) in enumerate([(0.5, 10), (1.0, 1000)]):
         content = RecordDict({"metrics": MetricRecord({"local-accuracy": acc, "num-examples": n, "partition-id": pid})})
@@ -111,40 +116,52 @@ def test_local_accuracy_is_unweighted_mean_over_clients(strategy: PFedMMA) -> No
     assert strategy.stats(1).local_accuracy == {0: 0.5, 1: 1.0}
 
 
-class _Nodes:
-    """Just enough of a Grid for sampling: three connected nodes."""
-
-    def get_node_ids(self) -> list[int]:
-        return [11, 12, 13]
-
-
-@pytest.fixture
-def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a ServerApp process has set when the strategy builds instruction messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 @pytest.mark.usefixtures("server_task_identity")
 def test_schedule_offset_and_client_config_reach_the_messages() -> None:
     template = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
-    strategy = PFedMMA(specs_of(template), num_rounds=7, eval_every=3, round_offset=4, client_config={"state-namespace": "exp-a"})
+    strategy = SharedFedAvg(specs_of(template), num_rounds=7, eval_every=3, round_offset=4, client_config={"state-namespace": "exp-a"})
     assert [r for r in range(1, 8) if strategy.is_full_eval_round(r)] == [3, 6, 7]
-    train = list(strategy.configure_train(1, template, ConfigRecord(), _Nodes()))
+    train = list(strategy.configure_train(1, template, ConfigRecord(), Nodes()))
     assert len(train) == 3
     for msg in train:
         assert msg.content["config"]["server-round"] == 5  # loop round 1 after 4 completed rounds
         assert msg.content["config"]["state-namespace"] == "exp-a"
         assert set(msg.content["arrays"]) == set(SHAPES)  # only the shared tensors go out
-    evaluate = list(strategy.configure_evaluate(2, template, ConfigRecord(), _Nodes()))
+    evaluate = list(strategy.configure_evaluate(2, template, ConfigRecord(), Nodes()))
     assert all(m.content["config"]["full-eval"] is True for m in evaluate)  # real round 6
     assert strategy.stats(5).sampled_train == 3 and strategy.stats(6).full_eval
 
 
-def test_errors_from_one_source_are_all_counted(strategy: PFedMMA) -> None:
+def test_errors_from_one_source_are_all_counted(strategy: SharedFedAvg) -> None:
     # The SuperLink answers for every unavailable node with its own id: none may overwrite another.
     unavailable = [Message(metadata=_metadata(1), error=Error(code=0, reason="Node Unavailable")) for _ in range(2)]
     strategy.aggregate_train(3, unavailable)
     assert strategy.stats(3).rejected == {"1": "error reply: Node Unavailable", "1#2": "error reply: Node Unavailable"}
+
+
+AVERAGING = [name for name, cls in METHODS.items() if cls.trains]
+
+
+@pytest.mark.parametrize("name", AVERAGING)
+def test_every_method_averages_its_shared_set_by_examples(tiny_cfg: RunConfig, name: str) -> None:
+    cfg = tiny_cfg.model_copy(update={"method": name})
+    method = method_for(cfg)
+    template = to_record(method.initial_state()[Role.SHARED])
+    strategy = STRATEGIES[method.strategy].from_config(cfg, specs_of(template), num_rounds=3)
+    rng = np.random.default_rng(7)
+    clients = [{k: rng.normal(size=a.shape).astype(np.float32) for k, a in template.items()} for _ in range(3)]
+    weights = [3, 40, 17]
+    arrays, metrics = strategy.aggregate_train(1, [_reply(20 + i, c, w) for i, (c, w) in enumerate(zip(clients, weights))])
+    assert arrays is not None and metrics is not None and strategy.stats(1).valid == 3
+    assert set(arrays) == set(template)  # local: the empty set
+    for key in template:
+        expected = np.average(np.stack([c[key] for c in clients]), axis=0, weights=weights)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics["num-examples"] == sum(weights)
+    # A reply carrying a tensor outside the method's shared set is rejected.
+    private = method.initial_state()[Role.PRIVATE]
+    if private:
+        name_, tensor = next(iter(private.items()))
+        leaking = {**clients[0], name_: tensor.numpy()}
+        strategy.aggregate_train(2, [_reply(30, leaking, 5)])
+        assert "unexpected keys (not shared tensors)" in strategy.stats(2).rejected["30"]

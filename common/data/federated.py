@@ -10,9 +10,8 @@ from functools import lru_cache
 
 from common.config import RunConfig
 from common.data.base import ClientData, EvalSet, ImageSource, LabeledDataset, SplitSources
+from common.data.partition import Partition, indices_of_classes, make_partition
 from common.data.registry import load_dataset
-from common.partition import indices_of_classes
-from common.partitions import Partition, make_partition
 from common.transforms import Stats, test_transform, train_transform
 
 

@@ -17,7 +17,7 @@ combinations are seen.
     cross       .    .     .    .      B      B     B     B
     ring        B    .     .    .      .      B     B     B
 
-Relation to the federated base-to-novel split (SPEC section 3, ``common/partition.py``):
+Relation to the federated base-to-novel split (SPEC section 3, ``common/data/partition.py``):
 that split sorts classes by label and takes the first ceil(48/2) = 24 as base
 (labels 0..23: circle, square, triangle) and the rest as novel (labels 24..47: diamond,
 cross, ring). The two splits cut across each other on purpose: each federated half holds

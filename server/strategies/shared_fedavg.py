@@ -1,62 +1,31 @@
-"""pFedMMA's strategy: FedAvg over the shared projections, with every reply validated first."""
+"""FedAvg over a method's shared tensors only, with every reply validated first.
+
+Used by every method whose server averages its shared set (pfedmma, fedavg-mma, promptfl,
+fedpgp; local, whose shared set is empty) and subclassed by the others.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from common.config import RunConfig
 from common.metrics import summarize
+from server.round_stats import PRIVATE_SOURCES, RoundStats, scalar
 from server.validation import TensorSpec, reply_bytes, reply_problem
 
 log = logging.getLogger(__name__)
 
-PRIVATE_SOURCES = ("init", "context", "disk")  # the client's encoding of "private-source"
 PER_CLIENT_KEYS = ("partition-id", "num-partitions", "private-source")  # identifiers, not quantities to average
-
-
-@dataclass
-class RoundStats:
-    """What one round's replies looked like; the run directory writes it out."""
-
-    sampled_train: int = 0
-    num_partitions: set[int] = field(default_factory=set)  # as reported by the clients
-    private_sources: dict[int, str] = field(default_factory=dict)  # partition id -> init/context/disk
-    valid: int = 0
-    # "<node id>" -> reason. Errors the SuperLink writes itself (e.g. "Node Unavailable") come
-    # from the SuperLink's id, not the failed node's, so repeated ids get a "#n" suffix rather
-    # than overwriting each other.
-    rejected: dict[str, str] = field(default_factory=dict)
-
-    def reject(self, node_id: int, reason: str) -> None:
-        key, n = str(node_id), 1
-        while key in self.rejected:
-            n += 1
-            key = f"{node_id}#{n}"
-        self.rejected[key] = reason
-    bytes_received: int = 0
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    full_eval: bool = False  # whether Base/Novel were asked for this round
-    evaluation: dict[int, dict[str, float]] = field(default_factory=dict)  # partition id -> metric -> value
-    domains: dict[int, str] = field(default_factory=dict)  # partition id -> domain (feature shift)
-
-    @property
-    def local_accuracy(self) -> dict[int, float]:
-        return {c: row["local"] for c, row in self.evaluation.items() if "local" in row}
-
-
-def _scalar(metrics: MetricRecord, key: str) -> float | None:
-    """A reported number, or None when absent or not a scalar (lists are allowed in records)."""
-    value = metrics.get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted mean of every reported metric except identifiers."""
-    weights = [_scalar(next(iter(r.metric_records.values())), weight_key) or 0.0 for r in records]
+    weights = [scalar(next(iter(r.metric_records.values())), weight_key) or 0.0 for r in records]
     total = sum(weights)
     sums: dict[str, float] = {}
     for record, w in zip(records, weights, strict=True):
@@ -67,11 +36,13 @@ def _mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     return MetricRecord({**sums, weight_key: int(total)})
 
 
-class PFedMMA(FedAvg):
+class SharedFedAvg(FedAvg):
     """Sends and averages only shared tensors; drops invalid replies, logging node and reason.
 
     ``shared_specs`` is the global shared state's key set, shapes and dtypes: a reply must
-    match it exactly. Local accuracy is reported as the unweighted mean over clients (SPEC §4).
+    match it exactly, so a reply carrying any tensor outside the method's shared set is
+    rejected. Local accuracy is reported as the unweighted mean over clients (SPEC §4).
+    Subclasses change what each client is sent through :meth:`personalise`.
     """
 
     def __init__(
@@ -92,6 +63,12 @@ class PFedMMA(FedAvg):
         self.round_offset = round_offset
         self.client_config = dict(client_config or {})  # sent with every train/evaluate message
         self.rounds: dict[int, RoundStats] = {}
+        self.partition_of: dict[int, int] = {}  # node id -> the partition id it reported
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *args, **kwargs) -> SharedFedAvg:
+        """Build from the run config; subclasses read their own keys here."""
+        return cls(*args, **kwargs)
 
     def real_round(self, loop_round: int) -> int:
         return loop_round + self.round_offset
@@ -104,11 +81,45 @@ class PFedMMA(FedAvg):
     def stats(self, server_round: int) -> RoundStats:
         return self.rounds.setdefault(server_round, RoundStats())
 
+    def communication(self, server_round: int) -> dict[str, dict[str, int]]:
+        return self.stats(server_round).communication(self.partition_of)
+
+    # -- hooks for subclasses ---------------------------------------------------------------
+
+    def personalise(self, msg: Message, server_round: int, training: bool) -> Message:
+        """The message actually sent to ``msg``'s node; FedAvg sends everyone the same."""
+        return msg
+
+    def record_accepted(self, server_round: int, accepted: list[Message]) -> None:
+        """Bookkeeping of the valid training replies of a round, before they are averaged."""
+        stats = self.stats(server_round)
+        for msg in accepted:
+            reported = msg.content.metric_records["metrics"]
+            partitions, source = scalar(reported, "num-partitions"), scalar(reported, "private-source")
+            client = scalar(reported, "partition-id")
+            if client is not None:
+                self.partition_of[msg.metadata.src_node_id] = int(client)
+            if partitions is not None:
+                stats.num_partitions.add(int(partitions))
+            if source is not None and 0 <= source < len(PRIVATE_SOURCES):
+                stats.private_sources[int(client if client is not None else -1)] = PRIVATE_SOURCES[int(source)]
+
+    def server_state(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """What the strategy keeps beyond the global arrays (tensors, string metadata), for resume."""
+        return {}, {}
+
+    def load_server_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        """Restore :meth:`server_state` of a run being resumed."""
+
+    # -- Flower's hooks ---------------------------------------------------------------------
+
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round = self.real_round(server_round)
         config = ConfigRecord({**dict(config), **self.client_config})
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.stats(server_round).sampled_train = len(messages)
+        messages = [self.personalise(m, server_round, True) for m in super().configure_train(server_round, arrays, config, grid)]
+        stats = self.stats(server_round)
+        stats.sampled_train = len(messages)
+        stats.count_sent(messages)
         return messages
 
     def aggregate_train(
@@ -119,6 +130,7 @@ class PFedMMA(FedAvg):
         accepted = []
         for msg in replies:
             stats.bytes_received += reply_bytes(msg)
+            stats.count_received(msg)
             problem = reply_problem(msg, self.shared_specs, self.weighted_by_key)
             if problem is None:
                 accepted.append(msg)
@@ -126,14 +138,7 @@ class PFedMMA(FedAvg):
                 stats.reject(msg.metadata.src_node_id, problem)
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
         stats.valid = len(accepted)
-        for msg in accepted:
-            reported = msg.content.metric_records["metrics"]
-            partitions, source = _scalar(reported, "num-partitions"), _scalar(reported, "private-source")
-            if partitions is not None:
-                stats.num_partitions.add(int(partitions))
-            if source is not None and 0 <= source < len(PRIVATE_SOURCES):
-                client = _scalar(reported, "partition-id")
-                stats.private_sources[int(client if client is not None else -1)] = PRIVATE_SOURCES[int(source)]
+        self.record_accepted(server_round, accepted)
         if not accepted:
             log.warning("round %d: no valid reply; the global shared state is unchanged", server_round)
             return None, None
@@ -145,9 +150,12 @@ class PFedMMA(FedAvg):
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round = self.real_round(server_round)
         full = self.is_full_eval_round(server_round)
-        self.stats(server_round).full_eval = full
+        stats = self.stats(server_round)
+        stats.full_eval = full
         config = ConfigRecord({**dict(config), **self.client_config, "full-eval": full})
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = [self.personalise(m, server_round, False) for m in super().configure_evaluate(server_round, arrays, config, grid)]
+        stats.count_sent(messages)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-client accuracies are kept; the aggregate is their unweighted mean (SPEC §4)."""
@@ -157,11 +165,16 @@ class PFedMMA(FedAvg):
             if msg.has_error():
                 log.warning("round %d: evaluation failed on node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
                 continue
+            stats.count_received(msg)
             metrics = msg.content.metric_records.get("metrics")
             if metrics is None or "local-accuracy" not in metrics:
                 log.warning("round %d: node %d sent no local-accuracy", server_round, msg.metadata.src_node_id)
                 continue
-            partition_id = _scalar(metrics, "partition-id")
+            partition_id, partitions = scalar(metrics, "partition-id"), scalar(metrics, "num-partitions")
+            if partition_id is not None:
+                self.partition_of[msg.metadata.src_node_id] = int(partition_id)
+            if partitions is not None:
+                stats.num_partitions.add(int(partitions))
             client = int(partition_id) if partition_id is not None else msg.metadata.src_node_id
             stats.evaluation[client] = {
                 key.removesuffix("-accuracy"): float(value)

@@ -4,10 +4,11 @@ For every adapted block k of both towers::
 
     out = Block(x) + alpha * up_k(shared_k(down_k(ln_1(x))))
 
-``down``/``up`` are private to a client and per tower; ``shared_k`` is one module per block,
-used by both towers, and is the only thing the server averages. Open_clip is never edited:
-``attach_mma`` swaps selected ``resblocks`` entries for an :class:`AdaptedBlock` that calls
-the original block.
+``down``/``up`` (:class:`TowerProjection`) belong to one tower; ``shared_k``
+(:class:`CrossTowerProjection`) is one module per block used by both towers. Which of them the
+server averages is the method's choice (``common/methods``): pFedMMA averages only the
+cross-tower projections. Open_clip is never edited: ``attach_mma`` swaps selected ``resblocks``
+entries for an :class:`AdaptedBlock` that calls the original block.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def _init_linear(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
-class PrivateProjection(nn.Module):
-    """A client's own down or up projection; never leaves the client."""
+class TowerProjection(nn.Module):
+    """A down or up projection of one tower (private in pFedMMA)."""
 
     def __init__(self, d_in: int, d_out: int, relu: bool) -> None:
         super().__init__()
@@ -58,8 +59,8 @@ class PrivateProjection(nn.Module):
         return self.act(self.linear(x))
 
 
-class SharedProjection(nn.Module):
-    """The r x r projection shared by both towers of a block; averaged by the server."""
+class CrossTowerProjection(nn.Module):
+    """The r x r projection of a block, used by both towers (the averaged part in pFedMMA)."""
 
     def __init__(self, rank: int) -> None:
         super().__init__()
@@ -78,12 +79,12 @@ class MMAAdapters(nn.Module):
         self.blocks = list(blocks)
         keys = [str(k) for k in self.blocks]
         dims = {"text": d_text, "image": d_image}
-        self.shared = nn.ModuleDict({k: SharedProjection(rank) for k in keys})
+        self.shared = nn.ModuleDict({k: CrossTowerProjection(rank) for k in keys})
         self.down = nn.ModuleDict(
-            {t: nn.ModuleDict({k: PrivateProjection(dims[t], rank, relu=True) for k in keys}) for t in TOWERS}
+            {t: nn.ModuleDict({k: TowerProjection(dims[t], rank, relu=True) for k in keys}) for t in TOWERS}
         )
         self.up = nn.ModuleDict(
-            {t: nn.ModuleDict({k: PrivateProjection(rank, dims[t], relu=False) for k in keys}) for t in TOWERS}
+            {t: nn.ModuleDict({k: TowerProjection(rank, dims[t], relu=False) for k in keys}) for t in TOWERS}
         )
 
     def branch(self, tower: str, block: int, h: torch.Tensor) -> torch.Tensor:
@@ -140,39 +141,49 @@ def seeded_adapters(blocks: Sequence[int], d_text: int, d_image: int, rank: int,
         return MMAAdapters(blocks, d_text=d_text, d_image=d_image, rank=rank)
 
 
-def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float, seed: int = 0) -> MMAAdapters:
-    """Wrap blocks ``start..end`` (1-based, inclusive) of both towers; returns the adapters.
+def check_block_range(start: int, end: int, text_depth: int, image_depth: int) -> None:
+    depth = min(text_depth, image_depth)
+    if not 1 <= start <= end <= depth:
+        raise ValueError(
+            f"adapter-start={start}, adapter-end={end}: need 1 <= start <= end <= {depth} "
+            f"(the model's towers have {text_depth} text and {image_depth} image blocks)"
+        )
+
+
+def wrap_blocks(model: CLIP, adapters: MMAAdapters, alpha: float) -> None:
+    """Register ``adapters`` as ``model.mma`` and wrap their blocks of both towers.
 
     Block numbers count in the shallower tower; a deeper tower is aligned at its last block.
+    """
+    towers = _tower_blocks(model)
+    check_block_range(min(adapters.blocks), max(adapters.blocks), len(towers["text"]), len(towers["image"]))
+    if hasattr(model, "mma"):
+        raise ValueError("model already has MMA adapters attached")
+    parameter = next(model.parameters())
+    adapters.to(device=parameter.device, dtype=parameter.dtype)
+    model.mma = adapters
+    depth = min(len(b) for b in towers.values())
+    for tower, resblocks in towers.items():
+        # Towers of unequal depth (ViT-L-14: 12 text, 24 image blocks) are aligned at the top:
+        # block k of the shallower tower pairs with block k + (depth difference) of the deeper.
+        offset = len(resblocks) - depth
+        for k in adapters.blocks:
+            i = k - 1 + offset
+            resblocks[i] = AdaptedBlock(resblocks[i], adapters, tower, k, alpha)
+
+
+def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float, seed: int = 0) -> MMAAdapters:
+    """Wrap blocks ``start..end`` (1-based, inclusive) of both towers; returns the adapters.
 
     The adapters are registered on the model as ``model.mma`` and initialised from ``seed``
     (independently of torch's global RNG), so all clients start from the same weights.
     """
     towers = _tower_blocks(model)
-    depth = min(len(b) for b in towers.values())
-    if not 1 <= start <= end <= depth:
-        raise ValueError(
-            f"adapter-start={start}, adapter-end={end}: need 1 <= start <= end <= {depth} "
-            f"(the model's towers have {len(towers['text'])} text and "
-            f"{len(towers['image'])} image blocks)"
-        )
-    if hasattr(model, "mma"):
-        raise ValueError("model already has MMA adapters attached")
+    check_block_range(start, end, len(towers["text"]), len(towers["image"]))
     d_text = model.transformer.width
     d_image = model.visual.transformer.width
-    blocks = list(range(start, end + 1))
-    adapters = seeded_adapters(blocks, d_text, d_image, rank, seed)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    adapters.to(device=device, dtype=dtype)
-    model.mma = adapters
-    for tower, resblocks in towers.items():
-        # Towers of unequal depth (ViT-L-14: 12 text, 24 image blocks) are aligned at the top:
-        # block k of the shallower tower pairs with block k + (depth difference) of the deeper.
-        offset = len(resblocks) - depth
-        for k in blocks:
-            i = k - 1 + offset
-            resblocks[i] = AdaptedBlock(resblocks[i], adapters, tower, k, alpha)
+    adapters = seeded_adapters(list(range(start, end + 1)), d_text, d_image, rank, seed)
+    wrap_blocks(model, adapters, alpha)
     return adapters
 
 

@@ -1,10 +1,10 @@
-"""Seeded, reproducible partitions of a dataset over clients, for printing and saving (SPEC §3).
+"""Seeded, reproducible partitions of a dataset over clients (SPEC §3): computed, printed, saved.
 
 Four schemes, all pure functions of (labels, domains, num_clients, seed, options):
 
 * ``base-to-novel``: label shift of the CoOp family. The base classes (first ceil(C/2)) are
-  shuffled and dealt to clients in disjoint chunks (:func:`common.partition.base_to_novel`),
-  each client takes ``shots`` training images of each of its classes.
+  shuffled and dealt to clients in disjoint chunks (:func:`base_to_novel`), each client takes
+  ``shots`` training images of each of its classes.
 * ``dirichlet``: label skew (CIFAR). Each class is spread over the clients by Dir(beta),
   through flwr-datasets' ``DirichletPartitioner`` so the split matches Flower's baselines.
 * ``pathological``: every client holds exactly ``classes_per_client`` classes.
@@ -19,6 +19,7 @@ keeps local accuracies comparable and avoids a second random draw.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner  # type: ignore[import-untyped]
 
 from common.data.base import ImageSource
-from common.partition import base_to_novel, few_shot_indices, indices_of_classes
 
 SCHEMES = ("base-to-novel", "dirichlet", "pathological", "domain")
 # A client with no training image cannot train nor carry a FedAvg weight, so Dirichlet draws that
@@ -131,6 +131,52 @@ class Partition:
         if self.base_classes is not None:
             head += f" base={len(self.base_classes)} novel={len(self.novel_classes or [])}"
         return "\n".join([head, *lines])
+
+
+@dataclass(frozen=True)
+class BaseNovelPartition:
+    """Classes sorted by label: first ceil(C/2) are base, the rest novel.
+
+    Base classes are shuffled with the seed and dealt to clients in disjoint contiguous
+    chunks (the paper's pathological split); ``client_classes[i]`` is client i's chunk.
+    """
+
+    base_classes: list[int]
+    novel_classes: list[int]
+    client_classes: list[list[int]]
+
+
+def base_to_novel(num_classes: int, num_clients: int, seed: int) -> BaseNovelPartition:
+    num_base = math.ceil(num_classes / 2)
+    if num_clients > num_base:
+        raise ValueError(
+            f"num-partitions={num_clients} exceeds the {num_base} base classes; "
+            "every client needs at least one class of its own"
+        )
+    base = list(range(num_base))
+    shuffled = np.random.default_rng(seed).permutation(base).tolist()
+    chunks = np.array_split(np.array(shuffled), num_clients)
+    return BaseNovelPartition(
+        base_classes=base,
+        novel_classes=list(range(num_base, num_classes)),
+        client_classes=[sorted(int(c) for c in chunk) for chunk in chunks],
+    )
+
+
+def few_shot_indices(labels: np.ndarray, classes: Sequence[int], shots: int, seed: int) -> list[int]:
+    """``shots`` indices of each class in ``classes`` (all of them when fewer exist)."""
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for c in classes:
+        pool = np.flatnonzero(labels == c)
+        if len(pool) == 0:
+            raise ValueError(f"class {c} has no images in this split")
+        chosen.extend(sorted(rng.choice(pool, size=min(shots, len(pool)), replace=False).tolist()))
+    return chosen
+
+
+def indices_of_classes(labels: np.ndarray, classes: Sequence[int]) -> list[int]:
+    return np.flatnonzero(np.isin(labels, list(classes))).tolist()
 
 
 def _runs(indices: Sequence[int]) -> list[int | list[int]]:

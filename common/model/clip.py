@@ -17,7 +17,7 @@ import open_clip
 import torch
 from torch import nn
 
-from common import backbone_cache
+from common.model import backbone_cache
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,39 @@ def available_models() -> list[str]:
     return open_clip.list_models()
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """What a method needs to know of a CLIP to build its modules, without building the CLIP."""
+
+    embed_dim: int  # joint image-text feature width
+    text_width: int  # token embedding / text transformer width
+    image_width: int
+    text_depth: int
+    image_depth: int
+    context_length: int  # text tokens, SOS and EOT included
+
+
+def model_dims(model_name: str) -> ModelDims:
+    """Read from open_clip's model config, so the server can size tensors without weights."""
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"model-name={model_name!r} is unknown; valid names: {available_models()}")
+    text, vision = config.get("text_cfg", {}), config.get("vision_cfg", {})
+    if "timm_model_name" in vision or "hf_model_name" in text or not isinstance(vision.get("layers"), int):
+        raise ValueError(
+            f"model-name={model_name!r} is not an open_clip CLIP with a ViT image tower and a text "
+            "transformer, which every method here adapts or prompts"
+        )
+    return ModelDims(
+        embed_dim=int(config["embed_dim"]),
+        text_width=int(text.get("width", 512)),
+        image_width=int(vision.get("width", 768)),
+        text_depth=int(text.get("layers", 12)),
+        image_depth=int(vision["layers"]),
+        context_length=int(text.get("context_length", 77)),
+    )
+
+
 BUNDLED_SUFFIXES = (".safetensors", ".pt")
 
 
@@ -56,7 +89,7 @@ def bundled_checkpoint(name: str) -> Path | None:
     """
     if not name or any(sep in name for sep in "/\\") or name.startswith("."):
         return None
-    roots = [Path(__file__).resolve().parent.parent, *(Path(p) for p in sys.path if p)]
+    roots = [Path(__file__).resolve().parents[2], *(Path(p) for p in sys.path if p)]
     for root in roots:
         for suffix in BUNDLED_SUFFIXES:
             candidate = root / "common" / "weights" / f"{name}{suffix}"
@@ -139,6 +172,17 @@ def build_clip(
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
     )
+
+
+def backbone_parameter_count(model_name: str) -> int:
+    """Parameters of the (frozen) CLIP, counted on the meta device: no memory, no weights."""
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no weights were loaded
+    try:
+        model = open_clip.create_model(model_name, pretrained=None, device="meta")
+    finally:
+        logging.getLogger().setLevel(level)
+    return sum(p.numel() for p in model.parameters())
 
 
 def freeze(module: nn.Module) -> None:

@@ -1,0 +1,73 @@
+"""What one round looked like on the server: replies, rejections, metrics and traffic per client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+
+PRIVATE_SOURCES = ("init", "context", "disk")  # the client's encoding of "private-source"
+
+
+def scalar(metrics: MetricRecord, key: str) -> float | None:
+    """A reported number, or None when absent or not a scalar (lists are allowed in records)."""
+    value = metrics.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def array_floats(content: RecordDict) -> int:
+    """Number of tensor values (floats) in a message's array records."""
+    return sum(int(np.prod(a.shape)) for record in content.array_records.values() for a in record.values())
+
+
+@dataclass
+class RoundStats:
+    """What one round's messages looked like; the run directory writes it out."""
+
+    sampled_train: int = 0
+    num_partitions: set[int] = field(default_factory=set)  # as reported by the clients
+    private_sources: dict[int, str] = field(default_factory=dict)  # partition id -> init/context/disk
+    valid: int = 0
+    # "<node id>" -> reason. Errors the SuperLink writes itself (e.g. "Node Unavailable") come
+    # from the SuperLink's id, not the failed node's, so repeated ids get a "#n" suffix rather
+    # than overwriting each other.
+    rejected: dict[str, str] = field(default_factory=dict)
+    bytes_received: int = 0
+    floats_down: dict[int, int] = field(default_factory=dict)  # node id -> tensor values sent to it
+    floats_up: dict[int, int] = field(default_factory=dict)  # node id -> tensor values it sent back
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    full_eval: bool = False  # whether Base/Novel were asked for this round
+    evaluation: dict[int, dict[str, float]] = field(default_factory=dict)  # partition id -> metric -> value
+    domains: dict[int, str] = field(default_factory=dict)  # partition id -> domain (feature shift)
+
+    def reject(self, node_id: int, reason: str) -> None:
+        key, n = str(node_id), 1
+        while key in self.rejected:
+            n += 1
+            key = f"{node_id}#{n}"
+        self.rejected[key] = reason
+
+    def count_sent(self, messages: Iterable[Message]) -> None:
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.floats_down[node] = self.floats_down.get(node, 0) + array_floats(msg.content)
+
+    def count_received(self, msg: Message) -> None:
+        if msg.has_error():
+            return
+        node = msg.metadata.src_node_id
+        self.floats_up[node] = self.floats_up.get(node, 0) + array_floats(msg.content)
+
+    def communication(self, partition_of: Mapping[int, int]) -> dict[str, dict[str, int]]:
+        """Tensor values each client received and sent this round, keyed by partition id when known."""
+        out: dict[str, dict[str, int]] = {}
+        for node in sorted(set(self.floats_down) | set(self.floats_up)):
+            key = str(partition_of[node]) if node in partition_of else f"node-{node}"
+            out[key] = {"floats-down": self.floats_down.get(node, 0), "floats-up": self.floats_up.get(node, 0)}
+        return dict(sorted(out.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else kv[0])))
+
+    @property
+    def local_accuracy(self) -> dict[int, float]:
+        return {c: row["local"] for c, row in self.evaluation.items() if "local" in row}
