@@ -176,3 +176,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     if job.data.domain is not None:
         content["client"] = ConfigRecord({"domain": job.data.domain})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Which client this node is: servers that address clients individually map node ids with it."""
+    node = NodeConfig.from_flower(context.node_config)
+    metrics = MetricRecord({"partition-id": node.partition_id, "num-partitions": node.num_partitions})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -186,14 +186,13 @@ class Deployment:
 
 
 def shared_payload(run_config: dict[str, Any]) -> tuple[int, int]:
-    """(tensor count, value count) of pFedMMA's shared state for this run config."""
+    """(tensor count, value count) of the method's shared state for this run config."""
     sys.path.insert(0, str(REPO))
-    from common.mma_model import initial_adapter_state
-
     from common.config import RunConfig
+    from common.methods import method_for
     from common.model.roles import Role
 
-    shared = initial_adapter_state(RunConfig.from_flower(run_config))[Role.SHARED]
+    shared = method_for(RunConfig.from_flower(run_config)).initial_state()[Role.SHARED]
     return len(shared), sum(math.prod(t.shape) for t in shared.values())
 
 
@@ -221,10 +220,12 @@ BUILD = """
 import json, sys, time
 from pathlib import Path
 from common.config import RunConfig
-from common.mma_model import build_mma_clip
+from common.methods import method_for
+from common.model.clip import build_clip
 cfg = RunConfig.from_flower(json.loads(sys.argv[1]))
 started = time.monotonic()
-build_mma_clip(cfg, "cpu", Path(sys.argv[2]) if sys.argv[2] else None)
+bundle = build_clip(cfg.model_name, cfg.pretrained, "cpu", Path(sys.argv[2]) if sys.argv[2] else None, cfg.seed)
+method_for(cfg).attach(bundle.model)
 print(time.monotonic() - started)
 """
 

@@ -156,3 +156,42 @@ def test_gate_dropout_draws_from_the_given_generator() -> None:
         gate(query, experts)
     gate.eval()  # no dropout: the generator does not matter
     assert torch.equal(gate(query, experts), gate(query, experts, torch.Generator().manual_seed(5)))
+
+
+class QueriedGrid:
+    """Connected nodes that answer query messages through the real ClientApp."""
+
+    def __init__(self, run_config: dict[str, Any], partitions: dict[int, int]) -> None:
+        self.run_config, self.partitions = run_config, partitions
+        self.queried: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.partitions)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        replies = []
+        for msg in messages:
+            assert msg.metadata.message_type == "query" and not msg.content.array_records
+            node = msg.metadata.dst_node_id
+            self.queried.append(node)
+            replies.append(app(instruction({}, "query", 0, node), context(self.run_config, self.partitions[node])))
+        return replies
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_a_resumed_server_asks_unknown_nodes_who_they_are(run_config: dict[str, Any]) -> None:
+    # In a resumed run (or after a node restart) node ids are new, but the bank is keyed by client.
+    saved = _strategy(experts=2)
+    saved.bank = _bank({0: 0.0, 1: 1.0, 2: 5.0})
+    arrays_state, metadata = saved.server_state()
+    resumed = _strategy(experts=2)
+    resumed.load_server_state(arrays_state, metadata)
+    grid = QueriedGrid(run_config, {21: 0, 22: 1, 23: 2})
+    template = ArrayRecord({KEY: Array(np.zeros(SHAPE, np.float32))})
+    sent = {m.metadata.dst_node_id: m for m in resumed.configure_train(5, template, ConfigRecord(), grid)}
+    assert sorted(grid.queried) == [21, 22, 23] and resumed.partition_of == {21: 0, 22: 1, 23: 2}
+    assert {node: sorted(m.content["experts"]) for node, m in sent.items()} == {
+        21: ["client-1"], 22: ["client-0"], 23: ["client-1"]
+    }
+    list(resumed.configure_evaluate(5, template, ConfigRecord(), grid))
+    assert len(grid.queried) == 3  # known nodes are not asked again

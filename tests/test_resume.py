@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.local_superlink import flwr_run_in, flwr_run_until
 
 
@@ -14,9 +16,12 @@ def _digests(state: Path) -> dict[str, str]:
     return {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest() for p in state.rglob("*.safetensors")}
 
 
-def test_stopped_run_resumes_with_continuous_history_and_private_state(flwr_home: Path, tmp_path: Path) -> None:
+# pfedmma in the default suite; a method with private prompt parts (fedpgp) and one whose server
+# keeps per-client state (pfedmoap's prompt bank) with `pytest -m slow`.
+@pytest.mark.parametrize("method", ["pfedmma", pytest.param("fedpgp", marks=pytest.mark.slow), pytest.param("pfedmoap", marks=pytest.mark.slow)])
+def test_stopped_run_resumes_with_continuous_history_and_private_state(flwr_home: Path, tmp_path: Path, method: str) -> None:
     runs, state = tmp_path / "runs", tmp_path / "state"
-    base = f"output-dir='{runs}' state-dir='{state}' eval-every=0 test-per-class=2 shots=4 local-epochs=1"
+    base = f"method='{method}' output-dir='{runs}' state-dir='{state}' eval-every=0 test-per-class=2 shots=4 local-epochs=1"
     run_id, output = flwr_run_until(flwr_home, f"num-server-rounds=4 {base}", 2, "[pfedmma] round 1/4", timeout=400)
     assert run_id, output[-3000:]
     (run_dir,) = runs.iterdir()
@@ -56,3 +61,8 @@ def test_stopped_run_resumes_with_continuous_history_and_private_state(flwr_home
     assert summary["rounds-completed"] == 4 and summary["selected-round"] == 4
     globals_ = sorted(p.name for p in (run_dir / "global").iterdir())
     assert globals_ == [f"round-{r:03d}.safetensors" for r in range(5)]
+    if method == "pfedmoap":  # the server's prompt bank was saved every round and resumed from
+        assert sorted(p.name for p in (run_dir / "server").iterdir()) == [f"round-{r:03d}.safetensors" for r in range(1, 5)]
+        # The first resumed round already sends experts: the bank came back and the (new) node
+        # ids were matched to clients. Per client: global + expert to train, own + expert to evaluate.
+        assert all(c["floats-down"] == 4 * c["floats-up"] for c in rows[done]["communication"].values())

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
-from tests.local_superlink import flwr_run
+from common.config import RunConfig
+from common.methods import METHODS
+from common.model.roles import Role
+from tests.conftest import pyproject_run_config
+from tests.local_superlink import flwr_run, flwr_run_in, stop_processes_under
 
 
 def test_flwr_run_three_clients_two_rounds(flwr_home: Path, tmp_path: Path) -> None:
@@ -47,3 +52,61 @@ def test_flwr_run_three_clients_two_rounds(flwr_home: Path, tmp_path: Path) -> N
     # Each client kept its private adapters on its own disk, outside the run directory.
     private_files = sorted(p.name for p in (tmp_path / "state").rglob("*.safetensors"))
     assert private_files == ["client-0.safetensors", "client-1.safetensors", "client-2.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def shared_flwr_home(tmp_path_factory: pytest.TempPathFactory):
+    """One FLWR_HOME (and so one local SuperLink) for every method's run in this module."""
+    home = tmp_path_factory.mktemp("flwr-home-methods")
+    yield home
+    stop_processes_under(home)
+
+
+# The two strategies other than plain shared FedAvg run in the default suite (pfedmma's run is
+# the test above); the FedAvg methods, which differ from pfedmma only by module and role table
+# (covered by the unit tests), run with `pytest -m slow`.
+DEFAULT_SUITE = ("zeroshot", "pfedmoap")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in DEFAULT_SUITE else pytest.mark.slow) for n in METHODS]
+)
+def test_flwr_run_every_method_two_rounds(shared_flwr_home: Path, tmp_path: Path, name: str) -> None:
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    config = (
+        f"method='{name}' num-server-rounds=2 local-epochs=1 shots=4 test-per-class=2 eval-every=0 "
+        f"output-dir='{runs}' state-dir='{state}'"
+    )
+    result = flwr_run_in(shared_flwr_home, config, supernodes=2, timeout=540)
+    output = result.stdout + result.stderr
+    method = METHODS[name](RunConfig.from_flower({**pyproject_run_config(), "method": name}))
+    rounds = 2 if method.trains else 1  # zero-shot evaluates once
+    assert result.returncode == 0, output[-4000:]
+    assert f"[pfedmma] round {rounds}/{rounds}" in output, output[-4000:]
+
+    (run_dir,) = runs.iterdir()
+    initial = method.initial_state()
+    shared_floats = sum(t.numel() for t in initial[Role.SHARED].values())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    for row in rows:
+        assert row["method"] == name and row["rejected-replies"] == 0
+        assert row["valid-replies"] == (2 if method.trains else 0)
+        assert set(row["communication"]) == {"0", "1"}
+        for traffic in row["communication"].values():
+            assert traffic["floats-up"] == (shared_floats if method.trains else 0)
+            assert traffic["floats-down"] >= (2 if method.trains else 1) * shared_floats
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["round"] == rounds and set(evaluation["per-client"]) == {"0", "1"}
+    assert {"local", "base", "novel", "hm3", "hm2"} <= set(evaluation["summary"])
+    record = json.loads((run_dir / "method.json").read_text())
+    assert record["method"] == name
+    assert record["parameters"]["shared"] == shared_floats
+    assert set(record["tensors"]["private"]) == set(initial[Role.PRIVATE])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == name and summary["rounds-completed"] == rounds
+    assert summary["communication"]["floats-up-per-client-round"] == (shared_floats if method.trains else 0)
+    final = load_file(run_dir / "global" / f"round-{rounds:03d}.safetensors")
+    assert set(final) == set(initial[Role.SHARED])
+    private_files = sorted(p.name for p in state.rglob("*.safetensors"))
+    assert private_files == (["client-0.safetensors", "client-1.safetensors"] if initial[Role.PRIVATE] else [])

@@ -7,6 +7,9 @@ the nearest to its own last upload by L2 distance, or a seeded random pick. A cl
 not uploaded yet gets none. For evaluation every client is sent its own latest prompt (the
 global one until it has trained) and its experts. A client is never sent its own prompt as an
 expert.
+
+Messages are addressed to node ids, the bank is keyed by partition id: a node the server has not
+heard from yet (a resumed run, a restarted node) is asked who it is with a query message first.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import json
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.methods.pfedmoap import EXPERTS
+from server.round_stats import scalar
 from server.strategies.shared_fedavg import SharedFedAvg
 
 
@@ -39,8 +45,9 @@ def select_experts(client: int, bank: Mapping[int, np.ndarray], k: int, how: str
 
 
 class PFedMoAPStrategy(SharedFedAvg):
-    def __init__(self, *args, experts: int, selection: str, seed: int, **kwargs) -> None:
+    def __init__(self, *args, experts: int, selection: str, seed: int, query_timeout: float = 600.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.query_timeout = query_timeout
         if len(self.shared_specs) != 1:
             raise ValueError(f"pFedMoAP shares exactly one prompt tensor, got {sorted(self.shared_specs)}")
         (self.prompt_key,) = self.shared_specs
@@ -50,7 +57,33 @@ class PFedMoAPStrategy(SharedFedAvg):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *args, **kwargs) -> PFedMoAPStrategy:
-        return cls(*args, experts=cfg.pfedmoap_experts, selection=cfg.pfedmoap_selection, seed=cfg.seed, **kwargs)
+        return cls(
+            *args, experts=cfg.pfedmoap_experts, selection=cfg.pfedmoap_selection, seed=cfg.seed,
+            query_timeout=cfg.round_timeout, **kwargs,
+        )
+
+    def identify(self, grid: Grid) -> None:
+        """Learn the partition id of connected nodes not heard from, once there are experts to send."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.partition_of]
+        if not unknown or not self.bank:
+            return
+        queries = [
+            Message(RecordDict({"config": ConfigRecord(dict(self.client_config))}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            client = None if metrics is None else scalar(metrics, "partition-id")
+            if client is not None:
+                self.partition_of[reply.metadata.src_node_id] = int(client)
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self.identify(grid)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self.identify(grid)
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def experts_for(self, client: int, server_round: int, training: bool) -> list[int]:
         rng = np.random.default_rng([self.seed, client, server_round, int(training)])
