@@ -64,8 +64,11 @@ class RoundStats:
         """Tensor values each client received and sent this round, keyed by partition id when known."""
         out: dict[str, dict[str, int]] = {}
         for node in sorted(set(self.floats_down) | set(self.floats_up)):
+            # A restarted node has a new id for the same client: its traffic adds up.
             key = str(partition_of[node]) if node in partition_of else f"node-{node}"
-            out[key] = {"floats-down": self.floats_down.get(node, 0), "floats-up": self.floats_up.get(node, 0)}
+            cell = out.setdefault(key, {"floats-down": 0, "floats-up": 0})
+            cell["floats-down"] += self.floats_down.get(node, 0)
+            cell["floats-up"] += self.floats_up.get(node, 0)
         return dict(sorted(out.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else kv[0])))
 
     @property

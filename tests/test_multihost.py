@@ -283,14 +283,15 @@ def make_federation(tmp_path: Path, request: pytest.FixtureRequest):
         fed.net.close()
 
 
-def test_three_hosts_full_run(make_federation, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["pfedmma", "pfedmoap"])
+def test_three_hosts_full_run(make_federation, tmp_path: Path, method: str) -> None:
     fed = make_federation()
     fed.start_superlink()
     for i in range(3):
         fed.add_node(f"c{i}", 10 + i, _node_config(i, tmp_path / f"state-c{i}"))
         fed.start_node(f"c{i}")
     # All three must be in every round: sampling waits until three are connected.
-    run = fed.submit(f"num-server-rounds=2 {SMALL} min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=3")
+    run = fed.submit(f"method='{method}' num-server-rounds=2 {SMALL} min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=3")
     summary = fed.wait_done(run, timeout=600)
 
     assert run.popen.returncode == 0, fed.diagnostics()
@@ -307,11 +308,13 @@ def test_three_hosts_full_run(make_federation, tmp_path: Path) -> None:
     assert summary["rounds-completed"] == 2 and summary["total-rejected-replies"] == 0
     for i in range(3):  # each host wrote its own private state, on its own state-dir
         assert [p.name for p in (tmp_path / f"state-c{i}").rglob("*.safetensors")] == [f"client-{i}.safetensors"]
+    if method == "pfedmoap":  # round 2: the averaged prompt and the two other clients' as experts
+        assert all(c["floats-down"] >= 3 * c["floats-up"] for c in rows[1]["communication"].values()), rows[1]
 
 
 def _kill_and_restart(
     fed: Federation, tmp_path: Path, rounds: int, keys: list[Path] | None = None,
-    before_restart: Callable[[], None] = lambda: None,
+    before_restart: Callable[[], None] = lambda: None, method: str = "pfedmma",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Three clients; kill c2 as round 2 starts, restart it once round 2 is over, run to the end."""
     for i in range(3):
@@ -320,7 +323,7 @@ def _kill_and_restart(
     fed.wait(lambda: len(fed.online()) == 3, 120, "three SuperNodes online")
     # Two replies suffice; a node that does not answer costs the round at most its
     # heartbeat patience (2 x 30 s) before the SuperLink answers "Node Unavailable".
-    run = fed.submit(f"num-server-rounds={rounds} {SMALL} {NO_EVAL} min-available-nodes=2 min-train-nodes=2 "
+    run = fed.submit(f"method='{method}' num-server-rounds={rounds} {SMALL} {NO_EVAL} min-available-nodes=2 min-train-nodes=2 "
                      "round-timeout=240")
     rows = fed.wait_rounds(1, timeout=300)
     assert rows[0]["valid-replies"] == 3, rows[0]
@@ -357,12 +360,16 @@ def _check_fault_rows(rows: list[dict[str, Any]], rounds: int) -> int:
     return int(back[0]["round"])
 
 
-def test_killed_supernode_round_completes_and_restart_resumes_private_state(make_federation, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["pfedmma", "pfedmoap"])
+def test_killed_supernode_round_completes_and_restart_resumes_private_state(make_federation, tmp_path: Path, method: str) -> None:
     fed = make_federation()
     fed.start_superlink()
     rounds = 5  # c2 is back in round 4 or 5: a margin of a round for its restart on a busy machine
-    rows, summary = _kill_and_restart(fed, tmp_path, rounds)
-    _check_fault_rows(rows, rounds)
+    rows, summary = _kill_and_restart(fed, tmp_path, rounds, method=method)
+    rejoined = _check_fault_rows(rows, rounds)
+    if method == "pfedmoap":  # the restarted node (a new node id) is recognised and gets its two experts at once
+        traffic = rows[rejoined - 1]["communication"]["2"]
+        assert traffic["floats-down"] == 3 * traffic["floats-up"], rows[rejoined - 1]
     assert summary["rounds-completed"] == rounds
     # Without authentication a restarted SuperNode is a new node: a fourth node id, the old one offline.
     nodes = fed.node_list()
