@@ -23,11 +23,11 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
-def row(run_dir: Path) -> str:
+def row(run_dir: Path, with_run: bool = True) -> str:
     summary, method = _load(run_dir / "summary.json"), _load(run_dir / "method.json")
     name = method.get("method") or _load(run_dir / "config.json").get("method", "?")
     if not summary:
-        return f"| {name} | not finished | | | | | | | | | {run_dir.name} |"
+        return f"| {name} | not finished | | | | | | | |" + (f" | {run_dir.name} |" if with_run else " |")
     ev = summary.get("evaluation", {})
     traffic = summary.get("communication", {})
     cells = [
@@ -37,7 +37,7 @@ def row(run_dir: Path) -> str:
         f"{method.get('parameters', {}).get('trainable-per-client', 0):,}",
         f"{traffic.get('floats-up-per-client-round', 0):,.0f} / {traffic.get('floats-down-per-client-round', 0):,.0f}",
         f"{summary.get('wall-seconds', 0):.0f}",
-        run_dir.name,
+        *([run_dir.name] if with_run else []),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -45,11 +45,14 @@ def row(run_dir: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--no-run-column", action="store_true", help="leave out the run directory names")
     args = parser.parse_args()
-    print("| method | round | Local | Base | Novel | HM3 | HM2 | trainable / client | values up / down per client-round | wall s | run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["method", "round", "Local", "Base", "Novel", "HM3", "HM2", "trainable / client",
+               "values up / down per client-round", "wall s", *([] if args.no_run_column else ["run"])]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for run_dir in args.run_dirs:
-        print(row(run_dir.expanduser()))
+        print(row(run_dir.expanduser(), with_run=not args.no_run_column))
 
 
 if __name__ == "__main__":
