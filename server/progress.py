@@ -64,6 +64,7 @@ class RoundReporter:
             "bytes-received": stats.bytes_received,
             # Tensor values each client received (train + evaluate instructions) and sent back.
             "communication": self.strategy.communication(server_round),
+            **self.strategy.round_record(server_round),
             "seconds": round(now - self.last, 2),
         }
         self.last = now

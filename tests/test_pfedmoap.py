@@ -108,7 +108,7 @@ def test_server_keeps_latest_prompts_and_personalises_messages() -> None:
     evaluate = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(2, arrays, ConfigRecord(), Nodes())}
     for node, value in ((11, 1.0), (12, 2.0), (13, 7.0)):
         assert (evaluate[node].content["arrays"][KEY].numpy() == value).all()
-    assert strategy.sent_experts[(2, True)] == {0: [1], 1: [0], 2: [1]}
+    assert strategy.round_record(2)["experts"] == {"train": {"0": [1], "1": [0], "2": [1]}, "evaluate": {"0": [1], "1": [0], "2": [1]}}
 
     # The bank survives a resume through server_state.
     arrays_state, metadata = strategy.server_state()

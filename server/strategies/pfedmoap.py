@@ -109,12 +109,21 @@ class PFedMoAPStrategy(SharedFedAvg):
             if client is not None:
                 self.bank[client] = msg.content.array_records["arrays"][self.prompt_key].numpy().copy()
 
+    def round_record(self, server_round: int) -> dict[str, object]:
+        """Which experts each client was sent this round, for metrics.jsonl."""
+        return {
+            "experts": {
+                phase: {str(c): e for c, e in sorted(self.sent_experts.get((server_round, training), {}).items())}
+                for phase, training in (("train", True), ("evaluate", False))
+            }
+        }
+
     def server_state(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays = {f"client-{p}": prompt for p, prompt in sorted(self.bank.items())}
         return arrays, {"partition-of-node": json.dumps({str(n): p for n, p in sorted(self.partition_of.items())})}
 
     def load_server_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
         self.bank = {int(name.removeprefix("client-")): np.asarray(a) for name, a in arrays.items()}
-        # Node ids survive a resume in deployments with SuperNode authentication; elsewhere a
-        # client is recognised again once it replies.
+        # Node ids survive a resume in deployments with SuperNode authentication; other nodes
+        # are asked who they are (identify) before they are sent anything.
         self.partition_of.update({int(n): int(p) for n, p in json.loads(metadata.get("partition-of-node", "{}")).items()})

@@ -104,6 +104,10 @@ class SharedFedAvg(FedAvg):
             if source is not None and 0 <= source < len(PRIVATE_SOURCES):
                 stats.private_sources[int(client if client is not None else -1)] = PRIVATE_SOURCES[int(source)]
 
+    def round_record(self, server_round: int) -> dict[str, object]:
+        """Strategy-specific entries of the round's metrics.jsonl row."""
+        return {}
+
     def server_state(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """What the strategy keeps beyond the global arrays (tensors, string metadata), for resume."""
         return {}, {}
