@@ -165,3 +165,18 @@ def test_every_method_averages_its_shared_set_by_examples(tiny_cfg: RunConfig, n
         leaking = {**clients[0], name_: tensor.numpy()}
         strategy.aggregate_train(2, [_reply(30, leaking, 5)])
         assert "unexpected keys (not shared tensors)" in strategy.stats(2).rejected["30"]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1.5, -2, 2**40])
+def test_reported_identifiers_are_read_only_when_integral_and_bounded(strategy: SharedFedAvg, bad: float) -> None:
+    # A client's "partition-id" of inf must not crash the server in int(); it is not believed either.
+    content = RecordDict({"metrics": MetricRecord({"local-accuracy": 0.5, "num-examples": 3, "partition-id": bad, "num-partitions": bad})})
+    metrics = strategy.aggregate_evaluate(1, [Message(content=content, metadata=_metadata(7))])
+    assert metrics is not None and strategy.stats(1).evaluation == {7: {"local": 0.5}}  # keyed by node id
+    assert strategy.partition_of == {} and strategy.stats(1).num_partitions == set()
+    rng = np.random.default_rng(3)
+    reply = _reply(8, _arrays(rng), 4)
+    reply.content["metrics"]["partition-id"] = bad
+    reply.content["metrics"]["private-source"] = bad
+    arrays, _ = strategy.aggregate_train(2, [reply])
+    assert arrays is not None and strategy.partition_of == {} and strategy.stats(2).private_sources == {}

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.methods.pfedmoap import EXPERTS
-from server.round_stats import scalar
+from server.round_stats import identifier
 from server.strategies.shared_fedavg import SharedFedAvg
 
 
@@ -73,9 +73,9 @@ class PFedMoAPStrategy(SharedFedAvg):
         ]
         for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
             metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
-            client = None if metrics is None else scalar(metrics, "partition-id")
+            client = None if metrics is None else identifier(metrics, "partition-id")
             if client is not None:
-                self.partition_of[reply.metadata.src_node_id] = int(client)
+                self.partition_of[reply.metadata.src_node_id] = client
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         self.identify(grid)

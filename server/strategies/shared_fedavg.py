@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
 from common.metrics import summarize
-from server.round_stats import PRIVATE_SOURCES, RoundStats, scalar
+from server.round_stats import PRIVATE_SOURCES, RoundStats, identifier, scalar
 from server.validation import TensorSpec, reply_bytes, reply_problem
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,14 @@ class SharedFedAvg(FedAvg):
         stats = self.stats(server_round)
         for msg in accepted:
             reported = msg.content.metric_records["metrics"]
-            partitions, source = scalar(reported, "num-partitions"), scalar(reported, "private-source")
-            client = scalar(reported, "partition-id")
+            partitions, source = identifier(reported, "num-partitions"), identifier(reported, "private-source")
+            client = identifier(reported, "partition-id")
             if client is not None:
-                self.partition_of[msg.metadata.src_node_id] = int(client)
+                self.partition_of[msg.metadata.src_node_id] = client
             if partitions is not None:
-                stats.num_partitions.add(int(partitions))
-            if source is not None and 0 <= source < len(PRIVATE_SOURCES):
-                stats.private_sources[int(client if client is not None else -1)] = PRIVATE_SOURCES[int(source)]
+                stats.num_partitions.add(partitions)
+            if source is not None and source < len(PRIVATE_SOURCES):
+                stats.private_sources[client if client is not None else -1] = PRIVATE_SOURCES[source]
 
     def round_record(self, server_round: int) -> dict[str, object]:
         """Strategy-specific entries of the round's metrics.jsonl row."""
@@ -174,12 +174,12 @@ class SharedFedAvg(FedAvg):
             if metrics is None or "local-accuracy" not in metrics:
                 log.warning("round %d: node %d sent no local-accuracy", server_round, msg.metadata.src_node_id)
                 continue
-            partition_id, partitions = scalar(metrics, "partition-id"), scalar(metrics, "num-partitions")
+            partition_id, partitions = identifier(metrics, "partition-id"), identifier(metrics, "num-partitions")
             if partition_id is not None:
-                self.partition_of[msg.metadata.src_node_id] = int(partition_id)
+                self.partition_of[msg.metadata.src_node_id] = partition_id
             if partitions is not None:
-                stats.num_partitions.add(int(partitions))
-            client = int(partition_id) if partition_id is not None else msg.metadata.src_node_id
+                stats.num_partitions.add(partitions)
+            client = partition_id if partition_id is not None else msg.metadata.src_node_id
             stats.evaluation[client] = {
                 key.removesuffix("-accuracy"): float(value)
                 for key, value in metrics.items()
