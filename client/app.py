@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,6 +27,7 @@ from common.methods import Method, StepInputs, method_for
 from common.methods.classifiers import Classifier
 from common.model.clip import ClipBundle
 from common.model.roles import Role
+from common.seeds import sub_seed
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ClientJob:
 
     def seed(self, server_round: int, stream: int) -> int:
         """An independent seed per (run seed, client, round, stream): no draw from a global RNG."""
-        return int(np.random.SeedSequence([self.cfg.seed, self.node.partition_id, server_round, stream]).generate_state(1)[0])
+        return sub_seed(self.cfg.seed, self.node.partition_id, server_round, stream)
 
     def loader(self, dataset: Dataset, shuffle: bool, server_round: int) -> DataLoader:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.node.partition_id * 1009 + server_round)

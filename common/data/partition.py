@@ -31,6 +31,7 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner  # type: ignore[import-untyped]
 
 from common.data.base import ImageSource
+from common.seeds import sub_seed
 
 SCHEMES = ("base-to-novel", "dirichlet", "pathological", "domain")
 # A client with no training image cannot train nor carry a FedAvg weight, so Dirichlet draws that
@@ -215,11 +216,6 @@ def _client(
     )
 
 
-def _sub_seed(seed: int, *keys: int) -> int:
-    """An independent seed per (seed, keys), so that e.g. domains are not split identically."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
 def _cap(labels: np.ndarray, indices: Sequence[int], shots: int | None, seed: int) -> list[int]:
     """At most ``shots`` of ``indices`` per class (seeded); all of them when ``shots`` is None."""
     if shots is None:
@@ -315,7 +311,7 @@ def make_partition(
         shards = _dirichlet(labels, num_clients, beta, seed)
         clients = []
         for i, shard in enumerate(shards):
-            shard = _cap(labels, shard, shots, _sub_seed(seed, i))
+            shard = _cap(labels, shard, shots, sub_seed(seed, i))
             own = np.unique(labels[shard]).tolist()
             clients.append(_client(i, labels, shard, indices_of_classes(test_labels, own)))
         return Partition(scheme, seed, clients, params=params)
@@ -333,7 +329,7 @@ def make_partition(
         dealt = _deal_classes(num_classes, num_clients, k, seed)
         holders: dict[int, list[int]] = {c: [i for i, cs in enumerate(dealt) if c in cs] for c in range(num_classes)}
         parts: list[list[int]] = [[] for _ in range(num_clients)]
-        rng = np.random.default_rng(_sub_seed(seed, 1))
+        rng = np.random.default_rng(sub_seed(seed, 1))
         for c in range(num_classes):
             pool = rng.permutation(np.flatnonzero(labels == c))
             if len(pool) < len(holders[c]):
@@ -342,7 +338,7 @@ def make_partition(
                     f"(num_clients={num_clients}, classes_per_client={k}); lower either"
                 )
             for i, part in zip(holders[c], np.array_split(pool, len(holders[c])), strict=True):
-                parts[i].extend(_cap(labels, part.tolist(), shots, _sub_seed(seed, i, c)))
+                parts[i].extend(_cap(labels, part.tolist(), shots, sub_seed(seed, i, c)))
         clients = [_client(i, labels, s, indices_of_classes(test_labels, dealt[i])) for i, s in enumerate(parts)]
         return Partition(scheme, seed, clients, params=params)
 
@@ -364,9 +360,9 @@ def make_partition(
     clients = []
     for d, name in enumerate(domains):
         in_domain = np.flatnonzero(train_domains == name)
-        for j, local in enumerate(_dirichlet(labels[in_domain], per_domain, beta, _sub_seed(seed, d))):
+        for j, local in enumerate(_dirichlet(labels[in_domain], per_domain, beta, sub_seed(seed, d))):
             i = d * per_domain + j
-            shard = _cap(labels, in_domain[local].tolist(), shots, _sub_seed(seed, i))
+            shard = _cap(labels, in_domain[local].tolist(), shots, sub_seed(seed, i))
             own = np.unique(labels[shard]).tolist()
             test_idx = np.flatnonzero((test_domains == name) & np.isin(test_labels, own)).tolist()
             clients.append(_client(i, labels, shard, test_idx, domain=name))
