@@ -90,17 +90,21 @@ class SharedFedAvg(FedAvg):
         """The message actually sent to ``msg``'s node; FedAvg sends everyone the same."""
         return msg
 
+    def note_client(self, msg: Message, metrics: MetricRecord, stats: RoundStats) -> int | None:
+        """Record which partition a reply's node is and how many partitions it counts; its partition id."""
+        client, partitions = identifier(metrics, "partition-id"), identifier(metrics, "num-partitions")
+        if client is not None:
+            self.partition_of[msg.metadata.src_node_id] = client
+        if partitions is not None:
+            stats.num_partitions.add(partitions)
+        return client
+
     def record_accepted(self, server_round: int, accepted: list[Message]) -> None:
         """Bookkeeping of the valid training replies of a round, before they are averaged."""
         stats = self.stats(server_round)
         for msg in accepted:
             reported = msg.content.metric_records["metrics"]
-            partitions, source = identifier(reported, "num-partitions"), identifier(reported, "private-source")
-            client = identifier(reported, "partition-id")
-            if client is not None:
-                self.partition_of[msg.metadata.src_node_id] = client
-            if partitions is not None:
-                stats.num_partitions.add(partitions)
+            client, source = self.note_client(msg, reported, stats), identifier(reported, "private-source")
             if source is not None and source < len(PRIVATE_SOURCES):
                 stats.private_sources[client if client is not None else -1] = PRIVATE_SOURCES[source]
 
@@ -174,11 +178,7 @@ class SharedFedAvg(FedAvg):
             if metrics is None or "local-accuracy" not in metrics:
                 log.warning("round %d: node %d sent no local-accuracy", server_round, msg.metadata.src_node_id)
                 continue
-            partition_id, partitions = identifier(metrics, "partition-id"), identifier(metrics, "num-partitions")
-            if partition_id is not None:
-                self.partition_of[msg.metadata.src_node_id] = partition_id
-            if partitions is not None:
-                stats.num_partitions.add(partitions)
+            partition_id = self.note_client(msg, metrics, stats)
             client = partition_id if partition_id is not None else msg.metadata.src_node_id
             stats.evaluation[client] = {
                 key.removesuffix("-accuracy"): float(value)
