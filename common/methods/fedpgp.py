@@ -7,6 +7,7 @@ towards those of the un-tuned ``"X ... X {class}."`` and pushes them from the fu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,9 +48,12 @@ class FedPGPClassifier(ContextPromptClassifier):
     ) -> None:
         super().__init__(model, tokenizer, class_names, device, context.full, length)
         self.parts, self.mu, self.temperature = context, mu, temperature
-        # The un-tuned prompt depends on frozen weights only: encoded once per classifier.
+
+    @functools.cached_property
+    def untuned(self) -> torch.Tensor:
+        """Features of the un-tuned prompt: frozen weights only, so encoded once, and only for training."""
         with torch.no_grad():
-            self.untuned = F.normalize(encode_embedded(model, self.template.embedding, self.template.tokens), dim=-1)
+            return F.normalize(encode_embedded(self.model, self.template.embedding, self.template.tokens), dim=-1)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = self.parts.sigma.ctx
