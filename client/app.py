@@ -10,6 +10,7 @@ this client's private ones. What is shared or private is the method's role table
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from client.state_store import PrivateStateStore
 from client.trainer import evaluate, train
 from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
-from common.data.base import ClientData
+from common.data.base import ClientData, EvalSet, SeededAugmentation
 from common.methods import Method, StepInputs, method_for
 from common.methods.classifiers import Classifier
 from common.model.clip import ClipBundle
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 PRIVATE_SOURCES = ("init", "context", "disk")
+# Independent random streams of one (seed, client, round): the loader's order, the method's
+# own draws (dropout), the image augmentations.
+STREAMS = {"shuffle": 0, "method": 1, "augment": 2}
 SHARED_RECORD = "arrays"  # the record holding the shared tensors, in both directions
 
 
@@ -77,7 +81,7 @@ class ClientJob:
         return sub_seed(self.cfg.seed, self.node.partition_id, server_round, stream)
 
     def loader(self, dataset: Dataset, shuffle: bool, server_round: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.node.partition_id * 1009 + server_round)
+        generator = torch.Generator().manual_seed(self.seed(server_round, STREAMS["shuffle"]))
         return DataLoader(
             dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
             pin_memory=self.device.type == "cuda",
@@ -103,8 +107,14 @@ def _step_inputs(msg: Message, job: ClientJob, server_round: int) -> StepInputs:
             f"method {job.method.name!r} takes records {list(job.method.extra_records)} besides "
             f"{SHARED_RECORD!r}; the message also has {unexpected}"
         )
-    generator = torch.Generator().manual_seed(job.seed(server_round, stream=1))
+    generator = torch.Generator().manual_seed(job.seed(server_round, STREAMS["method"]))
     return StepInputs({name: from_record(record) for name, record in extras.items()}, generator)
+
+
+def _other_classes(eval_set: EvalSet, own: Iterable[int]) -> torch.Tensor:
+    """Which examples of ``eval_set`` (in order) belong to classes outside ``own``."""
+    labels = torch.as_tensor([eval_set.dataset.label(i) for i in range(len(eval_set.dataset))])
+    return ~torch.isin(labels, torch.as_tensor(list(own), dtype=labels.dtype))
 
 
 def _config(msg: Message) -> dict:
@@ -126,7 +136,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     log.info("client %d round %d: private state from %s", job.node.partition_id, server_round, source)
     model, roles = job.bundle.model, job.method.roles
     optimizer = job.method.optimizer(model)
-    loader = job.loader(job.data.train, shuffle=True, server_round=server_round)
+    augmented = SeededAugmentation(job.data.train, job.seed(server_round, STREAMS["augment"]))
+    loader = job.loader(augmented, shuffle=True, server_round=server_round)
     classifier = job.classifier(job.data.class_names, _step_inputs(msg, job, server_round))
     result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
     job.store.save(roles.state(model, Role.PRIVATE))
@@ -169,6 +180,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         # A fresh classifier per set: text features come from this client's current state.
         result = evaluate(job.classifier(eval_set.class_names, inputs), loader, job.device, job.cfg.amp)
         metrics[f"{name}-accuracy"] = result.accuracy
+        if name == "base" and result.hits is not None:  # Base = own classes (Local) + other clients' classes
+            other = _other_classes(eval_set, job.data.own_classes)
+            if other.any():
+                metrics["base-other-accuracy"] = result.hits[other].float().mean().item()
         if name == "local":
             metrics["local-loss"] = result.loss
             metrics["num-examples"] = result.num_examples

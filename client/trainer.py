@@ -17,6 +17,7 @@ class LoopResult:
     loss: float
     accuracy: float
     num_examples: int
+    hits: torch.Tensor | None = None  # evaluation: whether each example was right, in loader order
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -37,7 +38,10 @@ def train(
     recomputed every step (text adapters and prompts train too)."""
     total_loss, correct, seen = 0.0, 0, 0
     classifier.set_training(True)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        set_epoch = getattr(loader.dataset, "set_epoch", None)
+        if set_epoch is not None:  # seeded augmentation draws per (epoch, image)
+            set_epoch(epoch)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with _autocast(device, amp):
@@ -57,7 +61,7 @@ def train(
 @torch.no_grad()
 def evaluate(classifier: Classifier, loader: DataLoader, device: torch.device, amp: bool = True) -> LoopResult:
     """Loss and accuracy with the current trainable state (class features computed once here)."""
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, hits = 0.0, []
     classifier.set_training(False)
     with _autocast(device, amp):
         classes = classifier.class_features()
@@ -65,8 +69,8 @@ def evaluate(classifier: Classifier, loader: DataLoader, device: torch.device, a
             images, labels = images.to(device), labels.to(device)
             logits = classifier.logits(images, classes).float()
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-            seen += len(labels)
-    if seen == 0:
+            hits.append((logits.argmax(dim=1) == labels).cpu())
+    if not hits:
         raise ValueError("the evaluation loader yielded no examples")
-    return LoopResult(total_loss / seen, correct / seen, seen)
+    right = torch.cat(hits)
+    return LoopResult(total_loss / len(right), right.float().mean().item(), len(right), right)

@@ -86,6 +86,9 @@ class RunConfig(BaseModel):
     # evaluation (SPEC §4)
     eval_every: int = Field(1, ge=0)  # Base/Novel every N rounds and at the end; 0 = end only
     model_selection: Literal["last", "val"] = "last"  # never on test data (SPEC §6.4)
+    # Which split Local/Base/Novel are measured on: "val" for choosing hyper-parameters
+    # (scripts/tune_lr.py), "test" for reporting; never tune on "test".
+    eval_split: Literal["test", "val"] = "test"
     # outputs and private state
     output_dir: str = "~/pfedmma-runs"  # the ServerApp resolves it on its own machine
     experiment_name: str = ""  # names the private-state namespace; "" = this run's id

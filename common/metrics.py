@@ -1,7 +1,8 @@
 """The evaluation protocol's arithmetic (SPEC §4).
 
 Per client: Local (own test split), Base (full base-class test set), Novel (novel class
-names, full novel test set). Across clients: unweighted means, then the harmonic means of
+names, full novel test set), and Base-other (the base test images of other clients' classes:
+Base without the client's own classes, which Local already covers). Across clients: unweighted means, then the harmonic means of
 those means: HM3 = HM(Local, Base, Novel), which is what the paper's averaged "HM" fits,
 and HM2 = HM(Base, Novel), the usual base-to-novel HM. For domain shift: mean Local per domain.
 """
@@ -47,7 +48,7 @@ def per_domain_means(per_client: Mapping[int, Mapping[str, float]], domains: Map
 
 def markdown_table(per_client: Mapping[int, Mapping[str, float]], summary: Mapping[str, float], domains: Mapping[int, str] | None = None) -> str:
     """Per-client rows and a mean row, accuracies in percent."""
-    metrics = [m for m in (*METRICS, "val") if m in summary]
+    metrics = [m for m in (*METRICS, "base-other", "val") if m in summary]
     extra = [m for m in ("hm3", "hm2") if m in summary]
     head = ["client", *(["domain"] if domains else []), *metrics, *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -62,7 +63,7 @@ def markdown_table(per_client: Mapping[int, Mapping[str, float]], summary: Mappi
 
 
 def csv_rows(per_client: Mapping[int, Mapping[str, float]], summary: Mapping[str, float]) -> Iterable[list[str]]:
-    columns = [m for m in (*METRICS, "val", "hm3", "hm2") if m in summary]
+    columns = [m for m in (*METRICS, "base-other", "val", "hm3", "hm2") if m in summary]
     yield ["client", *columns]
     for client in sorted(per_client):
         yield [str(client), *(_num(per_client[client].get(m)) for m in columns)]

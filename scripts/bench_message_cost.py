@@ -38,10 +38,9 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 NOOP_APP = REPO / "scripts" / "noop_app"

@@ -2,9 +2,11 @@
 
 No CLIP weights can be downloaded here, and a frozen *random* backbone makes federated
 adapter tuning meaningless. This script gives the offline miniature benchmark a backbone
-with real (if small) zero-shot ability: contrastive image-text pretraining on the 24
-pretrain-base compositions of :mod:`common.data.novel_split`, in all four styles, then a
-zero-shot report on held-out compositions.
+with real (if small) zero-shot ability: contrastive image-text pretraining on the 48
+compositions in all four styles (``--compositions base`` keeps the federated novel classes
+of :mod:`common.data.novel_split` out), then a zero-shot report on the federated base and
+novel classes. ``--logit-scale 100`` fixes CLIP's temperature at its trained value instead of
+learning it from CLIP's initial 14.3 (a 600-step run cannot move it far).
 
     python scripts/pretrain_tiny_clip.py            # 600 steps; docs/miniature-benchmark.md
     python scripts/pretrain_tiny_clip.py --eval-only   # re-evaluate the shipped checkpoint
@@ -45,16 +47,14 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
-from common.data.novel_split import PRETRAIN_BASE_LABELS, PRETRAIN_NOVEL_LABELS
+from common.data.novel_split import BASE_LABELS, NOVEL_LABELS
 from common.data.shapes import COLOURS, SHAPES, STYLES, ShapesSource, caption, class_names
 from common.model.clip import build_clip
 
 MODEL_NAME = "pfedmma-tiny"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "common" / "weights" / "pfedmma-tiny-shapes.safetensors"
 EVAL_TEMPLATE = "a photo of a {}."  # the federated prompt (SPEC section 1)
-# The federated base-to-novel split takes the first ceil(C/2) labels as base (SPEC section 3).
-FEDERATED_BASE_LABELS = list(range(math.ceil(len(class_names()) / 2)))
-FEDERATED_NOVEL_LABELS = list(range(len(FEDERATED_BASE_LABELS), len(class_names())))
+ALL_LABELS = list(range(len(class_names())))
 # Text kinds; a caption is a positive for every image it truly describes (see _positives).
 STYLED, PLAIN, COLOUR, SHAPE = 0, 1, 2, 3
 NUM_COLOURS = len(COLOURS)
@@ -79,6 +79,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="share of captions naming one attribute only ('a photo of a red shape.', "
         "'a photo of a circle.'), half each",
     )
+    p.add_argument(
+        "--compositions",
+        choices=("all", "base"),
+        default="all",
+        help="pretrain on all 48 compositions, or on the 24 federated base ones only (default: all)",
+    )
+    p.add_argument(
+        "--logit-scale",
+        type=float,
+        default=0.0,
+        help="fix the logit scale at this value (CLIP ends at 100); 0 = learn it from 14.3, capped at 100",
+    )
     p.add_argument("--crop-scale-min", type=float, default=0.6, help="random resized crop scale lower bound")
     p.add_argument(
         "--train-per-class", type=int, default=500, help="distinct training images per (composition, style) drawn from"
@@ -94,6 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out.suffix != ".safetensors":
         p.error(f"--out={str(args.out)!r}: expected a .safetensors file")
+    if not 0.0 <= args.logit_scale <= 100.0:
+        p.error(f"--logit-scale={args.logit_scale}: expected 0 (learned) or a value in (0, 100]")
     for name in ("plain_fraction", "attribute_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a value in [0, 1]")
@@ -161,11 +175,11 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
 
 
 class TrainStream:
-    """Shuffled, endless batches of pretrain-base training images with captions."""
+    """Shuffled, endless batches of training images of the chosen compositions, with captions."""
 
     def __init__(self, args: argparse.Namespace, mean: Sequence[float], std: Sequence[float]) -> None:
         self.source = ShapesSource("train", args.train_per_class, STYLES, seed=args.seed)
-        allowed = np.isin(self.source.labels, PRETRAIN_BASE_LABELS)
+        allowed = np.isin(self.source.labels, pretrain_labels(args))
         self.pool = np.flatnonzero(allowed)
         assert self.source.domains is not None  # ShapesSource records every image's style
         self.domains: np.ndarray = self.source.domains
@@ -217,6 +231,10 @@ class TrainStream:
         return self.normalise(images), captions.tokens[text_ids], labels, styles, kinds
 
 
+def pretrain_labels(args: argparse.Namespace) -> list[int]:
+    return ALL_LABELS if args.compositions == "all" else BASE_LABELS
+
+
 def to_tensor(image: object) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -224,8 +242,9 @@ def to_tensor(image: object) -> torch.Tensor:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, object]]:
     # As open_clip's trainer: decay matrices, not gains, biases or the logit scale.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -235,14 +254,17 @@ def train(args: argparse.Namespace) -> tuple[open_clip.CLIP, dict[str, object]]:
     for p in model.parameters():  # build_clip freezes; pretraining trains everything
         p.requires_grad_(True)
     model.train()
-    captions = CaptionTable(bundle.tokenizer, PRETRAIN_BASE_LABELS)
+    if args.logit_scale:
+        model.logit_scale.data.fill_(math.log(args.logit_scale))
+        model.logit_scale.requires_grad_(False)
+    captions = CaptionTable(bundle.tokenizer, pretrain_labels(args))
     stream = TrainStream(args, bundle.mean, bundle.std)
     optimiser = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=args.steps, pct_start=0.15)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{MODEL_NAME}: {n_params:,} parameters; {len(stream.pool):,} training images "
-        f"({len(PRETRAIN_BASE_LABELS)} compositions x {len(STYLES)} styles)",
+        f"({len(pretrain_labels(args))} compositions x {len(STYLES)} styles)",
         flush=True,
     )
     start = time.perf_counter()
@@ -300,12 +322,13 @@ def zero_shot_report(
     source: ShapesSource,
     image_f: torch.Tensor,
     groups: dict[str, list[int]],
+    seen_labels: Sequence[int],
 ) -> dict[str, dict[str, object]]:
     """Per group: a classifier over the group's classes only, accuracy per style and overall."""
     names = class_names()
     labels = torch.as_tensor(source.labels)
     domains = np.asarray(source.domains)
-    seen = set(PRETRAIN_BASE_LABELS)
+    seen = set(seen_labels)
     report: dict[str, dict[str, object]] = {}
     for group, classes in groups.items():
         text_f = F.normalize(model.encode_text(tokenizer([EVAL_TEMPLATE.format(names[c]) for c in classes])), dim=-1)
@@ -339,19 +362,13 @@ def print_table(report: dict[str, dict[str, object]]) -> None:
         print(f"{group:<18}{e['num_classes']:>8}{100 * float(e['chance']):8.1f}{cells}{100 * float(e['overall']):9.1f}")  # type: ignore[arg-type]
 
 
-def evaluate(path: Path, test_per_class: int, seed: int) -> dict[str, dict[str, object]]:
+def evaluate(path: Path, test_per_class: int, seed: int, seen_labels: Sequence[int]) -> dict[str, dict[str, object]]:
     """Zero-shot report of the checkpoint file, loaded through the project's own path."""
     bundle = build_clip(MODEL_NAME, str(path))
     source = ShapesSource("test", test_per_class, STYLES, seed=seed)
     image_f = encode_test_set(bundle.model, source, bundle.mean, bundle.std)
-    groups = {
-        "pretrain-base": PRETRAIN_BASE_LABELS,
-        "pretrain-novel": PRETRAIN_NOVEL_LABELS,
-        "federated-base": FEDERATED_BASE_LABELS,
-        "federated-novel": FEDERATED_NOVEL_LABELS,
-        "all-48": list(range(len(class_names()))),
-    }
-    report = zero_shot_report(bundle.model, bundle.tokenizer, source, image_f, groups)
+    groups = {"federated-base": BASE_LABELS, "federated-novel": NOVEL_LABELS, "all-48": ALL_LABELS}
+    report = zero_shot_report(bundle.model, bundle.tokenizer, source, image_f, groups, seen_labels)
     print(f"\nzero-shot accuracy (%), prompt {EVAL_TEMPLATE!r}, {test_per_class} test images per class and style")
     print_table(report)
     return report
@@ -391,7 +408,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.eval_only:
         if not args.out.is_file():
             raise FileNotFoundError(f"--eval-only: no checkpoint at {args.out}")
-        report = evaluate(args.out, args.test_per_class, args.seed)
+        result = json.loads(json_path.read_text()) if json_path.is_file() else {}
+        seen = result.get("pretrain_labels", ALL_LABELS)
+        report = evaluate(args.out, args.test_per_class, args.seed, seen)
         result = json.loads(json_path.read_text()) if json_path.is_file() else {}
         result["zero_shot"] = report
         result.setdefault("checkpoint", {})["weights_sha256"] = weights_sha256(args.out)
@@ -406,13 +425,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "model_name": MODEL_NAME,
         "steps": str(args.steps),
         "seed": str(args.seed),
-        "pretrain_base_labels": json.dumps(PRETRAIN_BASE_LABELS),
+        "pretrain_labels": json.dumps(pretrain_labels(args)),
     }
     save_fp16(model, args.out, metadata)
     identical = reloads_identically(model, args.out)
     if not identical:
         raise RuntimeError(f"{args.out}: the reloaded model differs from the trained one")
-    report = evaluate(args.out, args.test_per_class, args.seed)
+    report = evaluate(args.out, args.test_per_class, args.seed, pretrain_labels(args))
 
     size = args.out.stat().st_size
     result = {
@@ -428,9 +447,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         },
         **train_info,
         "total_seconds": round(time.perf_counter() - t0, 1),
-        "pretrain_base_labels": PRETRAIN_BASE_LABELS,
-        "pretrain_novel_labels": PRETRAIN_NOVEL_LABELS,
-        "federated_novel_labels": FEDERATED_NOVEL_LABELS,
+        "pretrain_labels": pretrain_labels(args),
+        "federated_base_labels": BASE_LABELS,
+        "federated_novel_labels": NOVEL_LABELS,
+        "logit_scale": round(float(model.logit_scale.exp()), 3),
         "eval_prompt": EVAL_TEMPLATE,
         "zero_shot": report,
         "environment": {

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.seeds import sub_seed
+
 
 class ImageSource(ABC):
     """Labelled images, decoded lazily. ``labels[i]`` indexes ``class_names``."""
@@ -42,6 +44,9 @@ class SplitSources:
     train: ImageSource
     test: ImageSource
     val: ImageSource | None = None
+    # The base classes of a base-to-novel split when the dataset defines its own; None = the
+    # first half of the labels (SPEC section 3).
+    base_classes: list[int] | None = None
 
 
 class LabeledDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -66,11 +71,36 @@ class LabeledDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        index = self.indices[i]
-        label = int(self.source.labels[index])
-        if self.label_map is not None:
-            label = self.label_map[label]
-        return self.transform(self.source.image(index)), label
+        return self.item(i)
+
+    def label(self, i: int) -> int:
+        """Example ``i``'s label in the classifier's class list, without decoding the image."""
+        label = int(self.source.labels[self.indices[i]])
+        return label if self.label_map is None else self.label_map[label]
+
+    def item(self, i: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """Image ``i`` transformed (a random transform draws from ``generator``) and its label."""
+        image = self.source.image(self.indices[i])
+        tensor = self.transform(image) if generator is None else self.transform(image, generator)  # type: ignore[call-arg]
+        return tensor, self.label(i)
+
+
+class SeededAugmentation(Dataset[tuple[torch.Tensor, int]]):
+    """``dataset`` with image ``i`` of epoch ``e`` augmented from a generator seeded by
+    ``(seed, e, i)``: the same draws whatever ran before, in whichever process or worker."""
+
+    def __init__(self, dataset: LabeledDataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(sub_seed(self.seed, self.epoch, i))
+        return self.dataset.item(i, generator)
 
 
 @dataclass(frozen=True)
@@ -94,3 +124,4 @@ class ClientData:
     train: LabeledDataset
     evals: dict[str, EvalSet]
     domain: str | None = None
+    own_classes: tuple[int, ...] = ()  # the client's classes, as indices into ``class_names``

@@ -35,6 +35,7 @@ def _partition(cfg: RunConfig, num_clients: int, data_dir: str) -> Partition:
     return make_partition(
         cfg.partition, sources.train, sources.test, num_clients, cfg.seed,
         shots=cfg.shots or None, beta=cfg.dirichlet_beta, classes_per_client=cfg.classes_per_client,
+        base_classes=sources.base_classes,
     )
 
 
@@ -46,6 +47,23 @@ def _view(source: ImageSource, indices: list[int], classes: list[int], transform
     label_map = {c: i for i, c in enumerate(classes)}
     names = [source.class_names[c] for c in classes]
     return EvalSet(LabeledDataset(source, indices, transform, label_map), names)
+
+
+def _measured_split(sources: SplitSources, eval_split: str) -> ImageSource:
+    if eval_split == "test":
+        return sources.test
+    if sources.val is None:
+        raise ValueError(f"eval-split='val' needs a validation split; dataset {sources.name!r} has none")
+    return sources.val
+
+
+def _own_indices(source: ImageSource, classes: list[int], domain: str | None) -> list[int]:
+    """The images of ``source`` in the client's classes (and its domain, under feature shift)."""
+    own = set(classes)
+    chosen = [i for i, label in enumerate(source.labels) if int(label) in own]
+    if domain is not None and source.domains is not None:
+        chosen = [i for i in chosen if source.domains[i] == domain]
+    return chosen
 
 
 def client_data(
@@ -68,17 +86,19 @@ def client_data(
     else:
         classes = list(range(len(sources.class_names)))
     train = _view(sources.train, mine.train_indices, classes, train_tf).dataset
-    evals = {"local": _view(sources.test, mine.test_indices, classes, test_tf)}
+    measured = _measured_split(sources, cfg.eval_split)
+    local = mine.test_indices if measured is sources.test else _own_indices(measured, mine.classes, mine.domain)
+    evals = {"local": _view(measured, local, classes, test_tf)}
     if partition.base_classes is not None and partition.novel_classes is not None:
-        evals["base"] = _view(sources.test, indices_of_classes(sources.test.labels, partition.base_classes), classes, test_tf)
+        evals["base"] = _view(measured, indices_of_classes(measured.labels, partition.base_classes), classes, test_tf)
         novel = list(partition.novel_classes)
-        evals["novel"] = _view(sources.test, indices_of_classes(sources.test.labels, novel), novel, test_tf)
+        evals["novel"] = _view(measured, indices_of_classes(measured.labels, novel), novel, test_tf)
     if cfg.model_selection == "val":
         if sources.val is None:
             raise ValueError(f"model-selection='val' needs a validation split; dataset {sources.name!r} has none")
-        own = set(mine.classes)
-        val_idx = [i for i, label in enumerate(sources.val.labels) if int(label) in own]
-        if mine.domain is not None and sources.val.domains is not None:
-            val_idx = [i for i in val_idx if sources.val.domains[i] == mine.domain]
-        evals["val"] = _view(sources.val, val_idx, classes, test_tf)
-    return ClientData(class_names=[sources.class_names[c] for c in classes], train=train, evals=evals, domain=mine.domain)
+        evals["val"] = _view(sources.val, _own_indices(sources.val, mine.classes, mine.domain), classes, test_tf)
+    position = {c: i for i, c in enumerate(classes)}
+    return ClientData(
+        class_names=[sources.class_names[c] for c in classes], train=train, evals=evals, domain=mine.domain,
+        own_classes=tuple(position[c] for c in mine.classes),
+    )

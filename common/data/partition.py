@@ -136,7 +136,8 @@ class Partition:
 
 @dataclass(frozen=True)
 class BaseNovelPartition:
-    """Classes sorted by label: first ceil(C/2) are base, the rest novel.
+    """Base and novel classes: by default the first ceil(C/2) labels are base, the rest novel;
+    a dataset may name its own base classes (shapes: held-out compositions).
 
     Base classes are shuffled with the seed and dealt to clients in disjoint contiguous
     chunks (the paper's pathological split); ``client_classes[i]`` is client i's chunk.
@@ -147,19 +148,21 @@ class BaseNovelPartition:
     client_classes: list[list[int]]
 
 
-def base_to_novel(num_classes: int, num_clients: int, seed: int) -> BaseNovelPartition:
-    num_base = math.ceil(num_classes / 2)
+def base_to_novel(
+    num_classes: int, num_clients: int, seed: int, base_classes: Sequence[int] | None = None
+) -> BaseNovelPartition:
+    base = sorted(base_classes) if base_classes is not None else list(range(math.ceil(num_classes / 2)))
+    num_base = len(base)
     if num_clients > num_base:
         raise ValueError(
             f"num-partitions={num_clients} exceeds the {num_base} base classes; "
             "every client needs at least one class of its own"
         )
-    base = list(range(num_base))
     shuffled = np.random.default_rng(seed).permutation(base).tolist()
     chunks = np.array_split(np.array(shuffled), num_clients)
     return BaseNovelPartition(
         base_classes=base,
-        novel_classes=list(range(num_base, num_classes)),
+        novel_classes=sorted(set(range(num_classes)) - set(base)),
         client_classes=[sorted(int(c) for c in chunk) for chunk in chunks],
     )
 
@@ -272,11 +275,13 @@ def make_partition(
     shots: int | None,
     beta: float,
     classes_per_client: int,
+    base_classes: Sequence[int] | None = None,
 ) -> Partition:
     """Split ``train`` (and ``test`` accordingly) over ``num_clients`` clients.
 
     ``shots`` caps the training images per class per client in every scheme (None: no cap);
-    ``beta`` is used by ``dirichlet`` and ``domain``, ``classes_per_client`` by ``pathological``.
+    ``beta`` is used by ``dirichlet`` and ``domain``, ``classes_per_client`` by ``pathological``,
+    ``base_classes`` (None: the first half of the labels) by ``base-to-novel``.
     Without a cap, ``dirichlet``, ``pathological`` and ``domain`` assign every training image to
     exactly one client.
     """
@@ -294,7 +299,7 @@ def make_partition(
     params: dict[str, Any] = {"shots": shots}
 
     if scheme == "base-to-novel":
-        split = base_to_novel(num_classes, num_clients, seed)
+        split = base_to_novel(num_classes, num_clients, seed, base_classes)
         clients = []
         for i, own in enumerate(split.client_classes):
             # Same per-client seed as common.data.federated.client_data, so both agree.

@@ -45,13 +45,13 @@ def select_experts(client: int, bank: Mapping[int, np.ndarray], k: int, how: str
 
 
 class PFedMoAPStrategy(SharedFedAvg):
-    def __init__(self, *args, experts: int, selection: str, seed: int, query_timeout: float = 600.0, **kwargs) -> None:
+    def __init__(self, *args, experts: int, selection: str, query_timeout: float = 600.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.query_timeout = query_timeout
         if len(self.shared_specs) != 1:
             raise ValueError(f"pFedMoAP shares exactly one prompt tensor, got {sorted(self.shared_specs)}")
         (self.prompt_key,) = self.shared_specs
-        self.k, self.selection, self.seed = experts, selection, seed
+        self.k, self.selection = experts, selection
         self.bank: dict[int, np.ndarray] = {}  # partition id -> its latest uploaded prompt
         self.sent_experts: dict[tuple[int, bool], dict[int, list[int]]] = {}  # (round, training) -> client -> experts
 

@@ -7,14 +7,18 @@ fedpgp; local, whose shared set is empty) and subclassed by the others.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
 from common.metrics import summarize
+from common.seeds import sub_seed
 from server.round_stats import PRIVATE_SOURCES, RoundStats, identifier, scalar
 from server.validation import TensorSpec, reply_bytes, reply_problem
 
@@ -52,6 +56,7 @@ class SharedFedAvg(FedAvg):
         eval_every: int = 1,
         round_offset: int = 0,
         client_config: Mapping[str, str | int | float | bool] | None = None,
+        seed: int = 0,
         **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _mean_metrics)
@@ -62,13 +67,14 @@ class SharedFedAvg(FedAvg):
         # A resumed run's loop counts from 1 again; every hook maps that to the real round.
         self.round_offset = round_offset
         self.client_config = dict(client_config or {})  # sent with every train/evaluate message
+        self.seed = seed  # node sampling draws from (seed, round), never Python's global RNG
         self.rounds: dict[int, RoundStats] = {}
         self.partition_of: dict[int, int] = {}  # node id -> the partition id it reported
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *args, **kwargs) -> SharedFedAvg:
         """Build from the run config; subclasses read their own keys here."""
-        return cls(*args, **kwargs)
+        return cls(*args, **{"seed": cfg.seed, **kwargs})
 
     def real_round(self, loop_round: int) -> int:
         return loop_round + self.round_offset
@@ -119,12 +125,43 @@ class SharedFedAvg(FedAvg):
     def load_server_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
         """Restore :meth:`server_state` of a run being resumed."""
 
+    def sample(self, grid: Grid, server_round: int, training: bool) -> list[int]:
+        """The round's nodes, as FedAvg counts them, drawn from a generator seeded by (seed,
+        round, phase) over the sorted node ids: FedAvg draws from Python's global RNG. The
+        same node ids give the same sample; with fraction 1 (the default) it is every node."""
+        fraction = self.fraction_train if training else self.fraction_evaluate
+        if fraction == 0.0:
+            return []
+        minimum = self.min_train_nodes if training else self.min_evaluate_nodes
+        size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
+        _, connected = sample_nodes(grid, self.min_available_nodes, size)  # waits for enough nodes
+        rng = random.Random(sub_seed(self.seed, server_round, int(training)))
+        chosen = sorted(rng.sample(sorted(connected), size))
+        log.info("round %d: %s %d of %d nodes", server_round, "training" if training else "evaluating", size, len(connected))
+        return chosen
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, training: bool) -> list[Message]:
+        nodes = self.sample(grid, server_round, training)
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(config), "server-round": server_round})})
+        kind = MessageType.TRAIN if training else MessageType.EVALUATE
+        return [self.personalise(Message(content=content, message_type=kind, dst_node_id=node), server_round, training) for node in nodes]
+
+    def in_client_order(self, replies: list[Message]) -> list[Message]:
+        """Replies sorted by partition id (node id when unknown): a float sum depends on its
+        order, and replies arrive in whatever order clients finish."""
+        def key(msg: Message) -> tuple[int, int]:
+            metrics = msg.content.metric_records.get("metrics")
+            client = identifier(metrics, "partition-id") if metrics is not None else None
+            return (client if client is not None else -1, msg.metadata.src_node_id)
+
+        return sorted(replies, key=key)
+
     # -- Flower's hooks ---------------------------------------------------------------------
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round = self.real_round(server_round)
         config = ConfigRecord({**dict(config), **self.client_config})
-        messages = [self.personalise(m, server_round, True) for m in super().configure_train(server_round, arrays, config, grid)]
+        messages = self._messages(server_round, arrays, config, grid, training=True)
         stats = self.stats(server_round)
         stats.sampled_train = len(messages)
         stats.count_sent(messages)
@@ -146,6 +183,7 @@ class SharedFedAvg(FedAvg):
                 stats.reject(msg.metadata.src_node_id, problem)
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
         stats.valid = len(accepted)
+        accepted = self.in_client_order(accepted)
         self.record_accepted(server_round, accepted)
         if not accepted:
             log.warning("round %d: no valid reply; the global shared state is unchanged", server_round)
@@ -161,7 +199,7 @@ class SharedFedAvg(FedAvg):
         stats = self.stats(server_round)
         stats.full_eval = full
         config = ConfigRecord({**dict(config), **self.client_config, "full-eval": full})
-        messages = [self.personalise(m, server_round, False) for m in super().configure_evaluate(server_round, arrays, config, grid)]
+        messages = self._messages(server_round, arrays, config, grid, training=False)
         stats.count_sent(messages)
         return messages
 

@@ -1,0 +1,3 @@
+from server.compare.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Run one planned (method, seed) with `flwr run`, in simulation or against a deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.compare.plan import PlannedRun
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where runs go: the app, and either a simulated federation or a SuperLink connection.
+
+    In a deployment the ServerApp writes its run directory on its own machine:
+    ``server_output_dir`` is the results folder's ``runs/`` as the ServerApp sees it (a shared
+    or mounted path); by default the same path, as on one machine.
+    """
+
+    app: Path
+    supernodes: int = 4
+    connection: str = ""  # a SuperLink connection in $FLWR_HOME/config.toml; "" = simulation
+    server_output_dir: str = ""
+
+    def output_dir(self, run: PlannedRun, runs_root: Path) -> str:
+        if not self.server_output_dir:
+            return str(run.folder.resolve())
+        return f"{self.server_output_dir.rstrip('/')}/{run.folder.relative_to(runs_root).as_posix()}"
+
+    def command(self, run: PlannedRun, preset: Path, runs_root: Path, state_dir: Path | None) -> list[str]:
+        flwr = str(Path(sys.executable).parent / "flwr")
+        overrides = {**run.overrides, "output-dir": self.output_dir(run, runs_root)}
+        if state_dir is not None:  # simulation: private adapters of this comparison stay in it
+            overrides["state-dir"] = str(state_dir.resolve())
+        command = [flwr, "run", str(self.app)]
+        if self.connection:
+            command.append(self.connection)
+        command += ["--stream", "--run-config", str(preset.resolve()), "--run-config", _toml_pairs(overrides)]
+        if not self.connection:
+            command += ["--federation-config", f"num-supernodes={self.supernodes}"]
+        return command
+
+
+def _toml_pairs(values: dict[str, Any]) -> str:
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_dir: Path | None
+    seconds: float
+    returncode: int
+    message: str
+
+
+def execute(run: PlannedRun, command: list[str], show: Callable[[str], None]) -> Outcome:
+    """Run ``command``, log all its output to ``flwr.log`` and pass its progress lines to ``show``."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(run.folder / "flwr.log", "w") as log:
+        log.write("$ " + shlex.join(command) + "\n")
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if "[pfedmma] round" in line or "[pfedmma] done" in line:
+                show(line[line.index("[pfedmma]") + len("[pfedmma] ") :].rstrip())
+        returncode = proc.wait()
+    seconds = time.monotonic() - started
+    finished = [d for d in run.run_dirs() if (d / "summary.json").is_file()]
+    if returncode == 0 and len(finished) == 1:
+        return Outcome(finished[0], seconds, returncode, "completed")
+    reason = f"flwr run exited with {returncode}" if returncode else "no run directory with a summary.json was written"
+    return Outcome(None, seconds, returncode, f"{reason}; see {run.folder / 'flwr.log'}")
+
+
+def write_record(run: PlannedRun, command: list[str], outcome: Outcome) -> None:
+    record = {
+        "status": "completed" if outcome.run_dir is not None else "failed",
+        "method": run.method,
+        "seed": run.seed,
+        "run-config": run.run_config,
+        "command": shlex.join(command),
+        "wall-seconds": round(outcome.seconds, 1),
+        "run-dir": str(outcome.run_dir) if outcome.run_dir is not None else None,
+        "message": outcome.message,
+    }
+    run.record_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
