@@ -2,7 +2,7 @@
 
 For each method that trains, run the preset with its learning rate set to the paper's value
 times each multiplier of ``--multipliers``, on a tuning seed that no reported run uses, with
-Local/Base/Novel measured on the validation split (``eval-split='val'``). The chosen
+Local/Base/Novel measured on the validation split (``eval-split='val'``), once after the last round. The chosen
 multiplier is the one with the highest validation HM3 (ties: the smaller). Every method gets
 the same grid, rounds and seeds; the test split is never read.
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = args.out / f"{method}-x{mult:g}"
             code = compare([
                 "--preset", str(args.preset), "--methods", method, "--seeds", str(args.seed), "--out", str(folder),
-                "--supernodes", str(args.supernodes), "--set", "eval-split='val'", "--set", f"{key}={lr!r}",
+                "--supernodes", str(args.supernodes), "--set", "eval-split='val'", "--set", "eval-every=0", "--set", f"{key}={lr!r}",
             ])
             if code != 0:
                 print(f"[tune] {method} x{mult:g}: the run failed (exit {code}); see {folder}", flush=True)

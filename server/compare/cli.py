@@ -114,7 +114,7 @@ def run_all(args: argparse.Namespace, runs: list[PlannedRun]) -> tuple[dict[tupl
         if run.folder.exists():
             _print(f"{tag} discarding an unfinished attempt in {run.folder}" if not args.force else f"{tag} --force: replacing {run.folder}")
             run.clear()
-        command = target.command(run, args.preset, runs_root, state_dir)
+        command = target.command(run, runs_root, state_dir)
         _print(f"{tag} starting")
         outcome = execute(run, command, _prefixed(tag))
         write_record(run, command, outcome)

@@ -4,6 +4,7 @@ Results folder layout::
 
     <out>/runs/<method>/seed-<n>/
         <timestamp>-run<id>/   the run directory the ServerApp wrote (server/run_dir.py)
+        run-config.toml        the run config passed to `flwr run`
         flwr.log               everything `flwr run --stream` printed
         compare.json           the requested run config, the command, wall time, outcome
 """
@@ -42,7 +43,6 @@ class PlannedRun:
     seed: int
     folder: Path  # <out>/runs/<method>/seed-<n>
     run_config: dict[str, Any]  # preset + overrides + method + seed: what this run must have used
-    overrides: dict[str, Any]  # what is passed on top of the preset file
 
     @property
     def label(self) -> str:
@@ -91,5 +91,5 @@ def plan_runs(out: Path, preset: dict[str, Any], methods: list[str], seeds: list
                 RunConfig.from_flower(config)  # fail before the first run, not in the seventh
             except ConfigError as err:
                 raise PlanError(f"{method} seed {seed}: {err}") from None
-            runs.append(PlannedRun(method, seed, out / "runs" / method / f"seed-{seed}", config, on_top))
+            runs.append(PlannedRun(method, seed, out / "runs" / method / f"seed-{seed}", config))
     return runs
