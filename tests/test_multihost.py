@@ -436,3 +436,27 @@ def test_client_exception_is_an_error_reply_and_the_round_continues(make_federat
     assert summary["rounds-completed"] == 2 and summary["total-rejected-replies"] == 2
     # The server logged the dropped replies (the ServerApp's log reaches `flwr run --stream`).
     assert "dropped reply of node" in run.output() or "error reply" in run.output(), run.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_compare_command_against_a_deployment(make_federation, tmp_path: Path) -> None:
+    """pfedmma-compare with --connection: every (method, seed) goes to the SuperLink, and the
+    table comes from the run directories the ServerApp wrote (a path both hosts see)."""
+    fed = make_federation()
+    fed.start_superlink()
+    for i in range(3):
+        fed.add_node(f"c{i}", 10 + i, _node_config(i, tmp_path / f"state-c{i}"))
+        fed.start_node(f"c{i}")
+    out = tmp_path / "cmp"
+    argv = [sys.executable, "-m", "server.compare", "--preset", "conf/ci.toml", "--methods", "pfedmma,zeroshot",
+            "--seeds", "0", "--connection", CONNECTION, "--out", str(out),
+            "--set", "min-available-nodes=3", "--set", "min-train-nodes=3", "--set", "min-evaluate-nodes=3"]
+    done = fed.ops.run(argv, fed.env("ops"), cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + fed.diagnostics()
+    saved = {m["method"]: m for m in json.loads((out / "results.json").read_text())["methods"]}
+    assert set(saved) == {"pfedmma", "zeroshot"} and saved["pfedmma"]["clients"] == [3]
+    record = json.loads((out / "runs" / "pfedmma" / "seed-0" / "compare.json").read_text())
+    assert " lab --stream" in record["command"] and "--federation-config" not in record["command"]
+    summary = json.loads((Path(record["run-dir"]) / "summary.json").read_text())
+    assert saved["pfedmma"]["metrics"]["hm3"]["mean"] == summary["evaluation"]["hm3"]
+    assert (out / "curves.png").is_file() and (out / "local_vs_novel.png").is_file()

@@ -1,0 +1,51 @@
+"""The presets in conf/: valid run configs, and the miniature is the app's default."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig
+from server.compare.plan import PlanError, read_preset
+from tests.conftest import REPO, pyproject_run_config
+
+PRESETS = sorted((REPO / "conf").glob("*.toml"))
+
+
+def test_there_is_a_preset_per_paper_experiment() -> None:
+    names = {p.stem for p in PRESETS}
+    coop = {"caltech101", "oxford-pets", "oxford-flowers", "food101", "dtd", "sun397", "ucf101"}
+    assert {f"base-to-novel-{d}" for d in coop} <= names
+    assert {"miniature", "ci", "cifar100-dirichlet", "domainnet", "office-caltech10"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_is_a_valid_run_config_that_says_what_it_reproduces(path: Path) -> None:
+    values = read_preset(path)
+    assert set(values) <= set(pyproject_run_config())  # Flower refuses keys pyproject.toml lacks
+    cfg = RunConfig.from_flower({**pyproject_run_config(), **values})
+    assert path.read_text().startswith("# Preset:")
+    if path.stem != "ci":
+        assert "# Reproduces:" in path.read_text()
+    if path.stem.startswith("base-to-novel-"):
+        assert cfg.partition == "base-to-novel" and cfg.domains == () and cfg.model_name == "ViT-B-16"
+        assert (cfg.num_server_rounds, cfg.local_epochs, cfg.shots, cfg.learning_rate) == (50, 2, 16, 0.001)
+
+
+def test_the_miniature_preset_is_the_default_run_config() -> None:
+    assert tomllib.loads((REPO / "conf" / "miniature.toml").read_text()) == pyproject_run_config()
+
+
+def test_a_preset_must_be_flat_toml(tmp_path: Path) -> None:
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[tool]\nseed = 1\n")
+    with pytest.raises(PlanError, match="not run-config keys"):
+        read_preset(nested)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("seed = \n")
+    with pytest.raises(PlanError, match="not valid TOML"):
+        read_preset(broken)
+    with pytest.raises(PlanError, match="no such file"):
+        read_preset(tmp_path / "missing.toml")
