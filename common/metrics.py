@@ -28,8 +28,10 @@ def harmonic_mean(values: Sequence[float]) -> float:
 def summarize(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
     """Unweighted means over clients of every metric present, plus HM3 and HM2 when defined."""
     summary: dict[str, float] = {}
-    for metric in sorted({m for row in per_client.values() for m in row}):
-        values = [row[metric] for row in per_client.values() if metric in row]
+    # In client order: a float sum depends on its order, and replies arrive in any order.
+    rows = [per_client[client] for client in sorted(per_client)]
+    for metric in sorted({m for row in rows for m in row}):
+        values = [row[metric] for row in rows if metric in row]
         summary[metric] = sum(values) / len(values)
     if all(m in summary for m in METRICS):
         summary["hm3"] = harmonic_mean([summary["local"], summary["base"], summary["novel"]])
@@ -40,7 +42,7 @@ def summarize(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]
 
 def per_domain_means(per_client: Mapping[int, Mapping[str, float]], domains: Mapping[int, str], metric: str = "local") -> dict[str, float]:
     grouped: dict[str, list[float]] = defaultdict(list)
-    for client, row in per_client.items():
+    for client, row in sorted(per_client.items()):
         if metric in row and client in domains:
             grouped[domains[client]].append(row[metric])
     return {domain: sum(v) / len(v) for domain, v in sorted(grouped.items())}

@@ -71,6 +71,16 @@ def test_crop_boxes_respect_the_scale_range_and_the_image() -> None:
     assert min(areas) > 0.45 and max(areas) <= 1.0 and np.std(areas) > 0.05
 
 
+def test_client_means_do_not_depend_on_the_order_replies_arrived_in() -> None:
+    from common.metrics import summarize
+
+    # (0.1 + 0.2) + 0.3 != (0.3 + 0.2) + 0.1 in floating point: order must be fixed.
+    values = {0: 0.1, 1: 0.2, 2: 0.3}
+    arrived = [{c: {"local": values[c]} for c in order} for order in ((0, 1, 2), (2, 1, 0), (1, 2, 0))]
+    means = [summarize(rows)["local"] for rows in arrived]
+    assert means[0] == means[1] == means[2]
+
+
 def _numbers(run_dir: Path) -> list[dict]:
     """metrics.jsonl without what measures time, not learning."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -180,3 +180,16 @@ def test_reported_identifiers_are_read_only_when_integral_and_bounded(strategy: 
     reply.content["metrics"]["private-source"] = bad
     arrays, _ = strategy.aggregate_train(2, [reply])
     assert arrays is not None and strategy.partition_of == {} and strategy.stats(2).private_sources == {}
+
+
+def test_the_average_is_bit_identical_whatever_order_replies_arrive_in(strategy: SharedFedAvg) -> None:
+    # Values whose float sum depends on its order: replies are averaged in partition-id order.
+    rng = np.random.default_rng(0)
+    replies = {n: {k: (rng.standard_normal(s) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for k, s in SHAPES.items()} for n in range(5)}
+    results = []
+    for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1], [3, 4, 1, 0, 2]):
+        arrays, _ = strategy.aggregate_train(1, [_reply(n, replies[n], num_examples=7 + n) for n in order])
+        assert arrays is not None
+        results.append({k: v.numpy() for k, v in arrays.items()})
+    for other in results[1:]:
+        assert all(np.array_equal(results[0][k], other[k]) for k in SHAPES)
