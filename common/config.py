@@ -52,7 +52,9 @@ class RunConfig(BaseModel):
     # local training (each client owns its optimiser; paper: SGD 1e-3, m 0.9, wd 5e-4)
     local_epochs: int = Field(2, gt=0)
     batch_size: int = Field(32, gt=0)
-    learning_rate: float = Field(0.001, gt=0.0)  # the adapter methods: pfedmma, local, fedavg-mma
+    learning_rate: float = Field(0.001, gt=0.0)  # pfedmma's SGD
+    local_learning_rate: float = Field(0.001, gt=0.0)  # the ablations' SGD: the paper runs them as pfedmma
+    fedavg_mma_learning_rate: float = Field(0.001, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0005, ge=0.0)
     crop_scale_min: float = Field(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower scale

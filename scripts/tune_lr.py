@@ -28,8 +28,8 @@ from server.compare.cli import main as compare
 # scratch, keeps its own lr: docs/methods.md).
 LR_KEYS = {
     "pfedmma": "learning-rate",
-    "local": "learning-rate",
-    "fedavg-mma": "learning-rate",
+    "local": "local-learning-rate",
+    "fedavg-mma": "fedavg-mma-learning-rate",
     "promptfl": "promptfl-learning-rate",
     "fedpgp": "fedpgp-learning-rate",
     "pfedmoap": "pfedmoap-learning-rate",

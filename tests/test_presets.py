@@ -49,3 +49,9 @@ def test_a_preset_must_be_flat_toml(tmp_path: Path) -> None:
         read_preset(broken)
     with pytest.raises(PlanError, match="no such file"):
         read_preset(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if p.stem not in ("miniature", "ci")], ids=lambda p: p.stem)
+def test_paper_presets_list_every_key_so_no_miniature_default_leaks_in(path: Path) -> None:
+    # Flower fills a missing key from pyproject.toml, i.e. from the miniature.
+    assert set(read_preset(path)) == set(pyproject_run_config())

@@ -13,3 +13,8 @@ class FedAvgMMA(PFedMMA):
     name = "fedavg-mma"
     summary = "pFedMMA's adapters, all shared: every adapter tensor is averaged (no personalisation)"
     roles = Roles({TowerProjection: Role.SHARED, CrossTowerProjection: Role.SHARED})
+    setting_keys = ("fedavg-mma-learning-rate",)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.cfg.fedavg_mma_learning_rate

@@ -14,3 +14,8 @@ class Local(PFedMMA):
     name = "local"
     summary = "pFedMMA's adapters, all private: every client trains alone, nothing is averaged"
     roles = Roles({TowerProjection: Role.PRIVATE, CrossTowerProjection: Role.PRIVATE})
+    setting_keys = ("local-learning-rate",)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.cfg.local_learning_rate
