@@ -32,6 +32,7 @@ def _curve(result: MethodResult, metric: str) -> tuple[np.ndarray, np.ndarray, n
 
 def plot_curves(results: list[MethodResult], path: Path) -> Path:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     last = max((row["round"] for r in results for s in r.seeds for row in s.curve), default=1)
     for ax, (metric, title) in zip(axes.flat, CURVES.items(), strict=True):
@@ -49,6 +50,7 @@ def plot_curves(results: list[MethodResult], path: Path) -> Path:
         ax.set_title(title)
         ax.set_ylabel("accuracy (%)")
         ax.set_xlim(0.8, last + 0.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("round")
