@@ -460,3 +460,17 @@ def test_compare_command_against_a_deployment(make_federation, tmp_path: Path) -
     summary = json.loads((Path(record["run-dir"]) / "summary.json").read_text())
     assert saved["pfedmma"]["metrics"]["hm3"]["mean"] == summary["evaluation"]["hm3"]
     assert (out / "curves.png").is_file() and (out / "local_vs_novel.png").is_file()
+
+    # The same run again on the same deployment (replies arrive in another order): the same numbers.
+    again = out.with_name("cmp-again")
+    argv_again = [a if a != str(out) else str(again) for a in argv]
+    argv_again[argv_again.index("pfedmma,zeroshot")] = "pfedmma"
+    done = fed.ops.run(argv_again, fed.env("ops"), cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def numbers(folder: Path) -> list[dict[str, Any]]:
+        record = json.loads((folder / "runs" / "pfedmma" / "seed-0" / "compare.json").read_text())
+        rows = [json.loads(line) for line in (Path(record["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert numbers(out) == numbers(again)
