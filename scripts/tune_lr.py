@@ -22,18 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
 from common.config import RunConfig
+from common.methods import METHODS
 from server.compare.cli import main as compare
 
-# The run-config key of each method's learning rate (pFedMoAP's gate, a network trained from
-# scratch, keeps its own lr: docs/methods.md).
-LR_KEYS = {
-    "pfedmma": "learning-rate",
-    "local": "local-learning-rate",
-    "fedavg-mma": "fedavg-mma-learning-rate",
-    "promptfl": "promptfl-learning-rate",
-    "fedpgp": "fedpgp-learning-rate",
-    "pfedmoap": "pfedmoap-learning-rate",
-}
+# Every method that trains, by the run-config key of its learning rate (pFedMoAP's gate, a
+# network trained from scratch, keeps its own lr: docs/methods.md).
+LR_KEYS = {name: method.learning_rate_key for name, method in METHODS.items() if method.trains}
 PAPER = RunConfig().to_flower()  # the config model's defaults are the papers' values
 
 

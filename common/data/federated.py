@@ -49,11 +49,9 @@ def _view(source: ImageSource, indices: list[int], classes: list[int], transform
     return EvalSet(LabeledDataset(source, indices, transform, label_map), names)
 
 
-def _measured_split(sources: SplitSources, eval_split: str) -> ImageSource:
-    if eval_split == "test":
-        return sources.test
+def _validation(sources: SplitSources, asked_by: str) -> ImageSource:
     if sources.val is None:
-        raise ValueError(f"eval-split='val' needs a validation split; dataset {sources.name!r} has none")
+        raise ValueError(f"{asked_by} needs a validation split; dataset {sources.name!r} has none")
     return sources.val
 
 
@@ -86,7 +84,7 @@ def client_data(
     else:
         classes = list(range(len(sources.class_names)))
     train = _view(sources.train, mine.train_indices, classes, train_tf).dataset
-    measured = _measured_split(sources, cfg.eval_split)
+    measured = sources.test if cfg.eval_split == "test" else _validation(sources, "eval-split='val'")
     local = mine.test_indices if measured is sources.test else _own_indices(measured, mine.classes, mine.domain)
     evals = {"local": _view(measured, local, classes, test_tf)}
     if partition.base_classes is not None and partition.novel_classes is not None:
@@ -94,9 +92,8 @@ def client_data(
         novel = list(partition.novel_classes)
         evals["novel"] = _view(measured, indices_of_classes(measured.labels, novel), novel, test_tf)
     if cfg.model_selection == "val":
-        if sources.val is None:
-            raise ValueError(f"model-selection='val' needs a validation split; dataset {sources.name!r} has none")
-        evals["val"] = _view(sources.val, _own_indices(sources.val, mine.classes, mine.domain), classes, test_tf)
+        val = _validation(sources, "model-selection='val'")
+        evals["val"] = _view(val, _own_indices(val, mine.classes, mine.domain), classes, test_tf)
     position = {c: i for i, c in enumerate(classes)}
     return ClientData(
         class_names=[sources.class_names[c] for c in classes], train=train, evals=evals, domain=mine.domain,

@@ -50,6 +50,8 @@ class Method:
     setting_keys: ClassVar[tuple[str, ...]] = ()  # further config keys it reads (learning rates...)
     extra_records: ClassVar[tuple[str, ...]] = ()  # names of the extra records its messages carry
     trains: ClassVar[bool] = True
+    # The run-config key of its (main) SGD learning rate: read by the optimiser, tuned by scripts/tune_lr.py.
+    learning_rate_key: ClassVar[str] = "learning-rate"
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -76,7 +78,7 @@ class Method:
 
     @property
     def learning_rate(self) -> float:
-        return self.cfg.learning_rate
+        return float(getattr(self.cfg, self.learning_rate_key.replace("-", "_")))
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         trainable = self.roles.parameters(model, Role.PRIVATE, Role.SHARED)

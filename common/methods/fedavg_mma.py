@@ -14,7 +14,4 @@ class FedAvgMMA(PFedMMA):
     summary = "pFedMMA's adapters, all shared: every adapter tensor is averaged (no personalisation)"
     roles = Roles({TowerProjection: Role.SHARED, CrossTowerProjection: Role.SHARED})
     setting_keys = ("fedavg-mma-learning-rate",)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.cfg.fedavg_mma_learning_rate
+    learning_rate_key = "fedavg-mma-learning-rate"

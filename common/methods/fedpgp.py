@@ -74,10 +74,7 @@ class FedPGP(Method):
     attribute = "prompt"
     model_keys = ("prompt-tokens", "fedpgp-prompts", "fedpgp-rank")
     setting_keys = ("fedpgp-learning-rate", "fedpgp-mu", "fedpgp-temperature")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.cfg.fedpgp_learning_rate
+    learning_rate_key = "fedpgp-learning-rate"
 
     def build_modules(self, dims: ModelDims) -> nn.Module:
         return PGPContext(self.cfg.fedpgp_prompts, self.cfg.prompt_tokens, self.cfg.fedpgp_rank, dims.text_width)

@@ -15,7 +15,4 @@ class Local(PFedMMA):
     summary = "pFedMMA's adapters, all private: every client trains alone, nothing is averaged"
     roles = Roles({TowerProjection: Role.PRIVATE, CrossTowerProjection: Role.PRIVATE})
     setting_keys = ("local-learning-rate",)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.cfg.local_learning_rate
+    learning_rate_key = "local-learning-rate"

@@ -91,6 +91,7 @@ class PFedMoAP(Method):
         "pfedmoap-lambda", "pfedmoap-gate-scaling", "pfedmoap-gate-dropout",
     )
     extra_records = (EXPERTS,)
+    learning_rate_key = "pfedmoap-learning-rate"  # the prompt's; the gate has its own
 
     def check(self, dims: ModelDims) -> None:
         width = pooled_dim(dims.embed_dim, self.cfg.pfedmoap_gate_dim)
@@ -112,7 +113,7 @@ class PFedMoAP(Method):
         modules = model.get_submodule(self.attribute)
         assert isinstance(modules, MoAPModules)
         return [
-            {"params": list(modules.prompt.parameters()), "lr": self.cfg.pfedmoap_learning_rate},
+            {"params": list(modules.prompt.parameters()), "lr": self.learning_rate},
             {"params": list(modules.gate.parameters()), "lr": self.cfg.pfedmoap_gate_learning_rate},
         ]
 

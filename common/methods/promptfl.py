@@ -25,10 +25,7 @@ class PromptFL(Method):
     attribute = "prompt"
     model_keys = ("prompt-tokens",)
     setting_keys = ("promptfl-learning-rate",)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.cfg.promptfl_learning_rate
+    learning_rate_key = "promptfl-learning-rate"
 
     def build_modules(self, dims: ModelDims) -> nn.Module:
         return ContextVectors(1, self.cfg.prompt_tokens, dims.text_width)
