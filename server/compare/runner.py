@@ -88,7 +88,9 @@ def execute(run: PlannedRun, command: list[str], show: Callable[[str], None]) ->
             if "[pfedmma] round" in line or "[pfedmma] done" in line:
                 show(line[line.index("[pfedmma]") + len("[pfedmma] ") :].rstrip())
         returncode = proc.wait()
-    seconds = time.monotonic() - started
+    # Rounded here, not only in compare.json, so that a table built now and one rebuilt
+    # from the records later average the same numbers.
+    seconds = round(time.monotonic() - started, 1)
     finished = [d for d in run.run_dirs() if (d / "summary.json").is_file()]
     if returncode == 0 and len(finished) == 1:
         return Outcome(finished[0], seconds, returncode, "completed")
@@ -103,7 +105,7 @@ def write_record(run: PlannedRun, command: list[str], outcome: Outcome) -> None:
         "seed": run.seed,
         "run-config": run.run_config,
         "command": shlex.join(command),
-        "wall-seconds": round(outcome.seconds, 1),
+        "wall-seconds": outcome.seconds,
         "run-dir": str(outcome.run_dir) if outcome.run_dir is not None else None,
         "message": outcome.message,
     }
