@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common.arrays import from_record, to_record
+from common.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def state_key(namespace: str) -> str:
     return f"{STATE_KEY}.{namespace}"
 
 
-class PrivateStateError(RuntimeError):
+class PrivateStateError(PermanentError, RuntimeError):
     """A stored private state exists but does not belong to this method and model."""
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
+from common.errors import PermanentError
+
 PositiveInt = Field(gt=0)
 
 
@@ -20,7 +22,7 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError, ValueError):
     """A run-config or node-config value is invalid."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from common.data.base import ImageSource
+from common.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class DatasetError(ValueError):
+class DatasetError(PermanentError, ValueError):
     """Data on disk is missing or not in the expected layout/format; the message names the path."""
 
 

@@ -1,0 +1,33 @@
+"""Errors that the next round would repeat.
+
+A client that hits one of these (a bad config value, missing or unreadable data, a checkpoint
+or private-state file it cannot use, a full disk) replies with an error the server reads as
+permanent, and the run stops after that round instead of failing the same way every round.
+Anything else a client raises (a node that drops out, a transient fault) keeps the run going.
+Every message names the key or file, the value, and what to do about it.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class PermanentError(Exception):
+    """An error that cannot heal by itself: retrying the round gives the same error."""
+
+
+class CheckpointError(PermanentError, ValueError):
+    """A model checkpoint file (``pretrained``) cannot be read safely as weights."""
+
+
+class DiskFullError(PermanentError, OSError):
+    """A write failed because the file system is full (or over quota)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: object, what: str, remedy: str) -> DiskFullError:
+    """The error to raise for an ENOSPC/EDQUOT while writing ``what`` at ``path``."""
+    return DiskFullError(errno.ENOSPC, f"no space left on the device to write {what} {path}; {remedy}")
