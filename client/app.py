@@ -9,12 +9,13 @@ this client's private ones. What is shared or private is the method's role table
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +25,7 @@ from client.trainer import evaluate, train
 from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData, EvalSet, SeededAugmentation
+from common.errors import PERMANENT_ERROR_CODE, PermanentError, is_disk_full, one_line
 from common.methods import Method, StepInputs, method_for
 from common.methods.classifiers import Classifier
 from common.model.clip import ClipBundle
@@ -52,6 +54,7 @@ class ClientJob:
     bundle: ClipBundle
     data: ClientData
     store: PrivateStateStore
+    skipped_images: int = 0  # image files of the shard left out under skip-corrupt
 
     @classmethod
     def from_context(cls, context: Context, namespace: str = "") -> ClientJob:
@@ -61,12 +64,12 @@ class ClientJob:
         method = method_for(cfg)
         device = pick_device()
         bundle = shared_model(cfg, device, node.cache_dir)
-        data = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
+        checked = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
         namespace = namespace or cfg.experiment_name or f"run-{context.run_id}"
         store = PrivateStateStore(
             context.state, node.resolved_state_dir(cfg), namespace, node.partition_id, method.fingerprint()
         )
-        return cls(cfg, node, method, device, bundle, data, store)
+        return cls(cfg, node, method, device, bundle, checked.data, store, len(checked.skipped_files))
 
     def load_state(self, shared: ArrayRecord) -> str:
         """Global shared tensors from the message, private ones from the store (or the init)."""
@@ -117,6 +120,27 @@ def _other_classes(eval_set: EvalSet, own: Iterable[int]) -> torch.Tensor:
     return ~torch.isin(labels, torch.as_tensor(list(own), dtype=labels.dtype))
 
 
+def permanent_errors_replied(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn an error this client would repeat every round (bad config, missing or unreadable
+    data, an unusable private state or checkpoint, a full disk) into an error reply the server
+    reads as permanent, one line naming the client; other exceptions propagate to Flower,
+    which reports them as (possibly transient) ClientApp failures."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            if not isinstance(exc, PermanentError) and not is_disk_full(exc):
+                raise
+            partition = context.node_config.get("partition-id")
+            reason = f"client {partition}: {one_line(exc)}" if partition is not None else one_line(exc)
+            log.error("%s (permanent: the server stops the run after this round)", reason)
+            return Message(Error(code=PERMANENT_ERROR_CODE, reason=reason), reply_to=msg)
+
+    return wrapped
+
+
 def _config(msg: Message) -> dict:
     config = msg.content.config_records.get("config")
     return dict(config) if config else {}
@@ -127,6 +151,7 @@ def _round(msg: Message) -> int:
 
 
 @app.train()
+@permanent_errors_replied
 def train_handler(msg: Message, context: Context) -> Message:
     job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
     if not job.method.trains:
@@ -155,6 +180,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     # Where the private tensors came from (0 init, 1 context.state, 2 disk):
                     # lets the server see a restarted node resume rather than re-initialise.
                     "private-source": PRIVATE_SOURCES.index(source),
+                    "skipped-images": job.skipped_images,
                 }
             ),
         }
@@ -163,6 +189,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@permanent_errors_replied
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Local accuracy every time; Base/Novel when the server asks for the full protocol."""
     job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
@@ -171,7 +198,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     inputs = _step_inputs(msg, job, server_round)
     full = bool(_config(msg).get("full-eval", True))
     wanted = ("local", "val", "base", "novel") if full else ("local", "val")
-    metrics = MetricRecord({"partition-id": job.node.partition_id, "num-partitions": job.node.num_partitions})
+    metrics = MetricRecord(
+        {"partition-id": job.node.partition_id, "num-partitions": job.node.num_partitions, "skipped-images": job.skipped_images}
+    )
     for name in wanted:
         if name not in job.data.evals:
             continue

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
-from common.data.base import ClientData
+from common.data.checks import ClientDataCheck, check_client_data
 from common.data.federated import client_data
 from common.methods import method_for
 from common.model.clip import ClipBundle, build_clip
@@ -56,10 +56,13 @@ def initial_private(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 
 @lru_cache(maxsize=16)
-def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str, image: tuple) -> ClientData:
+def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str, image: tuple) -> ClientDataCheck:
     size, mean, std = image
-    return client_data(cfg, partition_id, num_partitions, size, mean, std, data_dir)
+    # Every file of the shard is checked once per process, before the first step that reads it.
+    return check_client_data(client_data(cfg, partition_id, num_partitions, size, mean, std, data_dir), cfg.skip_corrupt)
 
 
-def shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str, bundle: ClipBundle) -> ClientData:
+def shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str, bundle: ClipBundle) -> ClientDataCheck:
+    """The client's data, its files checked (missing or undecodable ones raise, or are left
+    out and counted under `skip-corrupt`)."""
     return _client_data(cfg, partition_id, num_partitions, data_dir, (bundle.image_size, bundle.mean, bundle.std))

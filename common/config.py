@@ -81,12 +81,17 @@ class RunConfig(BaseModel):
     # data and partition (SPEC §3)
     dataset: str = "shapes"  # a name from common.data.registry.DATASET_NAMES
     data_dir: str = ""  # default for nodes that set none
-    dataset_domains: str = ""  # comma-separated subset of domains (shapes: styles); "" = default
+    # Comma-separated domains (shapes: styles); "" = the dataset's default (all its domains;
+    # shapes: "striped"), "all" = every domain; a dataset without domains takes only "".
+    dataset_domains: str = ""
     partition: Literal["base-to-novel", "dirichlet", "pathological", "domain"] = "base-to-novel"
     shots: int = Field(16, ge=0)  # K shots per class per client; 0 = every image
     dirichlet_beta: float = Field(0.5, gt=0.0)
     classes_per_client: int = Field(2, gt=0)  # pathological split
     test_per_class: int = Field(10, gt=0)  # procedural datasets only
+    # Leave out (and count) images of a client's shard that are missing or undecodable,
+    # instead of stopping the run with the list of bad files.
+    skip_corrupt: StrictBool = False
     # evaluation (SPEC §4)
     eval_every: int = Field(1, ge=0)  # Base/Novel every N rounds and at the end; 0 = end only
     model_selection: Literal["last", "val"] = "last"  # never on test data (SPEC §6.4)
@@ -129,6 +134,9 @@ class RunConfig(BaseModel):
                 f"adapter-end={self.adapter_end} is below adapter-start={self.adapter_start}; "
                 "need adapter-start <= adapter-end"
             )
+        from common.data.registry import resolve_domains
+
+        resolve_domains(self.dataset, self.domains)  # raises naming dataset-domains and the valid values
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(
                 f"min-train-nodes={self.min_train_nodes} exceeds "

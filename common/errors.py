@@ -31,3 +31,13 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full(path: object, what: str, remedy: str) -> DiskFullError:
     """The error to raise for an ENOSPC/EDQUOT while writing ``what`` at ``path``."""
     return DiskFullError(errno.ENOSPC, f"no space left on the device to write {what} {path}; {remedy}")
+
+
+# The code of a client's error reply for a PermanentError (Flower's own codes are 0-8).
+PERMANENT_ERROR_CODE = 100
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line: what a summary shows per failed client."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

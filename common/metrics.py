@@ -48,28 +48,48 @@ def per_domain_means(per_client: Mapping[int, Mapping[str, float]], domains: Map
     return {domain: sum(v) / len(v) for domain, v in sorted(grouped.items())}
 
 
-def markdown_table(per_client: Mapping[int, Mapping[str, float]], summary: Mapping[str, float], domains: Mapping[int, str] | None = None) -> str:
-    """Per-client rows and a mean row, accuracies in percent."""
+def clients_in_mean(counted: Mapping[int, Mapping[str, float]]) -> dict[str, int]:
+    """How many clients each metric's mean is taken over."""
+    return {m: sum(m in row for row in counted.values()) for m in sorted({m for row in counted.values() for m in row})}
+
+
+def markdown_table(
+    per_client: Mapping[int, Mapping[str, float]],
+    summary: Mapping[str, float],
+    domains: Mapping[int, str] | None = None,
+    excluded: Mapping[int, str] | None = None,
+) -> str:
+    """Per-client rows, a mean row over the clients not ``excluded`` (client -> why) and the
+    number of clients behind each mean; accuracies in percent."""
+    excluded = excluded or {}
     metrics = [m for m in (*METRICS, "base-other", "val") if m in summary]
     extra = [m for m in ("hm3", "hm2") if m in summary]
     head = ["client", *(["domain"] if domains else []), *metrics, *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for client in sorted(per_client):
         row = per_client[client]
-        cells = [str(client), *([domains.get(client, "")] if domains else [])]
+        name = f"{client} (not in mean: {excluded[client]})" if client in excluded else str(client)
+        cells = [name, *([domains.get(client, "")] if domains else [])]
         cells += [_pct(row.get(m)) for m in metrics] + [""] * len(extra)
         lines.append("| " + " | ".join(cells) + " |")
     mean = ["**mean**", *([""] if domains else []), *(_pct(summary.get(m)) for m in (*metrics, *extra))]
     lines.append("| " + " | ".join(mean) + " |")
+    counts = clients_in_mean({c: r for c, r in per_client.items() if c not in excluded})
+    count_row = ["clients in mean", *([""] if domains else []), *(str(counts.get(m, 0)) for m in metrics), *[""] * len(extra)]
+    lines.append("| " + " | ".join(count_row) + " |")
     return "\n".join(lines)
 
 
-def csv_rows(per_client: Mapping[int, Mapping[str, float]], summary: Mapping[str, float]) -> Iterable[list[str]]:
+def csv_rows(
+    per_client: Mapping[int, Mapping[str, float]], summary: Mapping[str, float], excluded: Mapping[int, str] | None = None
+) -> Iterable[list[str]]:
+    """A row per client (``in-mean`` 0 for the excluded ones), then the means."""
+    excluded = excluded or {}
     columns = [m for m in (*METRICS, "base-other", "val", "hm3", "hm2") if m in summary]
-    yield ["client", *columns]
+    yield ["client", *columns, "in-mean"]
     for client in sorted(per_client):
-        yield [str(client), *(_num(per_client[client].get(m)) for m in columns)]
-    yield ["mean", *(_num(summary.get(m)) for m in columns)]
+        yield [str(client), *(_num(per_client[client].get(m)) for m in columns), "0" if client in excluded else "1"]
+    yield ["mean", *(_num(summary.get(m)) for m in columns), ""]
 
 
 def _pct(value: float | None) -> str:

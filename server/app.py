@@ -12,12 +12,13 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.arrays import to_record
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.methods import Method, method_for
 from common.model.clip import backbone_parameter_count
 from common.model.roles import Role
 from server.partition_record import PartitionRecorder
-from server.progress import RoundReporter
+from server.preflight import preflight
+from server.progress import RoundReporter, RunFailed
 from server.run_dir import ResumeError, RunDirectory
 from server.strategies import STRATEGIES
 from server.validation import specs_of
@@ -77,7 +78,16 @@ def method_record(cfg: RunConfig, method: Method, initial: dict[Role, dict[str, 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flower(context.run_config)
+    try:
+        cfg = RunConfig.from_flower(context.run_config)
+        preflight(cfg, len(list(grid.get_node_ids())) or None)
+    except ConfigError as err:
+        # Returned, not raised: Flower would print its traceback twice after these lines.
+        lines = str(err).splitlines()
+        print(f"[pfedmma] FAILED before round 1: {lines[0]}", flush=True)
+        for line in lines[1:]:
+            print(f"[pfedmma]   {line.strip()}", flush=True)
+        return
     method = method_for(cfg)
     # Only the shared tensors ever exist on the server; they start from the same seed that
     # every client uses for its own initial private tensors.
@@ -102,6 +112,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     if done:
         strategy.load_server_state(*run_dir.load_server_state(done))
+        # Clients whose training was accepted before the resume still count as trained.
+        strategy.trained.update(int(c) for row in run_dir.completed_rounds() for c in row.get("private-source", {}) if int(c) >= 0)
     record = method_record(cfg, method, initial_state)
     run_dir.write_method(record)
     params = record["parameters"]
@@ -117,11 +129,17 @@ def main(grid: Grid, context: Context) -> None:
         partition.maybe_record(strategy.real_round(loop_round) if loop_round else 0)
         return reporter.end_round(loop_round, arrays)
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=start_arrays,
-        num_rounds=num_rounds - done,
-        timeout=cfg.round_timeout,
-        evaluate_fn=end_round,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=start_arrays,
+            num_rounds=num_rounds - done,
+            timeout=cfg.round_timeout,
+            evaluate_fn=end_round,
+        )
+    except RunFailed as failed:
+        # Not re-raised: Flower would print its traceback twice after our summary lines. The
+        # final line and summary.json say "failed".
+        reporter.finish(failed)
+        return
     reporter.finish()

@@ -14,6 +14,14 @@ from server.run_dir import RunDirectory
 from server.strategies import SharedFedAvg
 
 
+class RunFailed(RuntimeError):
+    """The run stops after ``server_round``: ``reason``, and per client what went wrong."""
+
+    def __init__(self, server_round: int, reason: str, clients: dict[str, str]) -> None:
+        super().__init__(f"run failed after round {server_round}: {reason}; see summary.json")
+        self.server_round, self.reason, self.clients = server_round, reason, dict(clients)
+
+
 class RoundReporter:
     """Called by the strategy loop after each round (as its ``evaluate_fn``)."""
 
@@ -44,7 +52,7 @@ class RoundReporter:
         self.run_dir.save_global(server_round, from_record(arrays))
         now = time.monotonic()
         stats = self.strategy.stats(server_round)
-        summary = summarize(stats.evaluation) if stats.evaluation else {}
+        summary = summarize(stats.counted) if stats.counted else {}
         row = {
             "round": server_round,
             "method": self.method.get("method"),
@@ -54,6 +62,10 @@ class RoundReporter:
             "full-eval": stats.full_eval,
             "evaluation": {k: v for k, v in summary.items()},
             "per-client": {str(c): v for c, v in sorted(stats.evaluation.items())},
+            "clients-in-mean": len(stats.counted),
+            "skipped-images": {str(c): n for c, n in sorted(stats.skipped_images.items())},
+            "excluded": {str(c): why for c, why in sorted(stats.excluded.items())},
+            "permanent-errors": dict(sorted(stats.permanent.items())),
             "domains": {str(c): d for c, d in sorted(stats.domains.items())},
             "per-domain-local": per_domain_means(stats.evaluation, stats.domains) if stats.domains else {},
             "private-source": {str(c): v for c, v in sorted(stats.private_sources.items())},
@@ -71,11 +83,15 @@ class RoundReporter:
         self.history.append(row)
         self.run_dir.append_round(row)
         print(_progress_line(row, self.num_rounds), flush=True)
+        failure = self.strategy.round_failure(server_round)
+        if failure is not None:
+            clients = dict(stats.permanent) or {f"node {k.split('#')[0]}": v for k, v in stats.rejected.items()}
+            raise RunFailed(server_round, failure, clients)
         return None
 
     def selected_round(self) -> int | None:
         """The round whose results are reported: the last full evaluation, or best mean val accuracy."""
-        candidates = [r for r in self.history if r["full-eval"] and r["per-client"]]
+        candidates = [r for r in self.history if r["full-eval"] and r["evaluation"]]
         if not candidates:
             return None
         if self.model_selection == "val":
@@ -83,18 +99,22 @@ class RoundReporter:
             return int(best["round"])
         return int(candidates[-1]["round"])
 
-    def finish(self) -> dict[str, Any]:
-        chosen = self.selected_round()
+    def finish(self, failed: RunFailed | None = None) -> dict[str, Any]:
+        """Write summary.json (and, for a run that succeeded, the evaluation tables); print the final line."""
+        chosen = self.selected_round() if failed is None else None
         final: dict[str, Any] = {}
         if chosen is not None:
             row = next(r for r in self.history if r["round"] == chosen)
             per_client = {int(c): v for c, v in row["per-client"].items()}
             domains = {int(c): d for c, d in row.get("domains", {}).items()}
-            final = self.run_dir.write_evaluation(chosen, per_client, domains, self.model_selection)
+            excluded = {int(c): why for c, why in row.get("excluded", {}).items()}
+            final = self.run_dir.write_evaluation(chosen, per_client, domains, self.model_selection, excluded)
             print(f"[pfedmma] evaluation at round {chosen} (model selection: {self.model_selection}):", flush=True)
             print(final["table"], flush=True)
         last = self.history[-1] if self.history else {}
         summary = {
+            "status": "failed" if failed is not None else "completed",
+            "failure": None if failed is None else {"round": failed.server_round, "reason": failed.reason, "clients": failed.clients},
             "method": self.method.get("method"),
             "parameters": self.method.get("parameters", {}),
             "communication": communication_summary(self.history),
@@ -107,11 +127,19 @@ class RoundReporter:
             "final-train-loss": last.get("train-loss"),
             "total-bytes-received": sum(r["bytes-received"] for r in self.history),
             "total-rejected-replies": sum(r["rejected-replies"] for r in self.history),
+            # Image files each client left out under skip-corrupt (the largest count it reported).
+            "skipped-images": _skipped_images(self.history),
             "wall-seconds": round(time.monotonic() - self.started, 2),
             "run-dir": str(self.run_dir.path),
         }
         self.run_dir.write_summary(summary)
-        print(f"[pfedmma] done ({summary['method']}): {summary['rounds-completed']} rounds; results in {self.run_dir.path}", flush=True)
+        if failed is not None:
+            print(f"[pfedmma] FAILED ({summary['method']}) after round {failed.server_round}: {failed.reason}:", flush=True)
+            for who, why in failed.clients.items():
+                print(f"[pfedmma]   {who}: {why}", flush=True)
+            print(f"[pfedmma] failed: summary in {self.run_dir.path / 'summary.json'}", flush=True)
+        else:
+            print(f"[pfedmma] done ({summary['method']}): {summary['rounds-completed']} rounds; results in {self.run_dir.path}", flush=True)
         return summary
 
 
@@ -138,6 +166,23 @@ def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
     return (
         f"[pfedmma] round {row['round']}/{num_rounds} | train loss {_fmt(row['train-loss'])} "
         f"acc {_fmt(row['train-accuracy'])} | local {_fmt(row['local-accuracy'])}{extra} | "
-        f"replies {row['valid-replies']}/{row['sampled']} ok, {row['rejected-replies']} rejected | "
+        f"replies {row['valid-replies']}/{row['sampled']} ok, {row['rejected-replies']} rejected{_counted(row)} | "
         f"{row['bytes-received'] / 1024:.1f} KiB in | {row['seconds']:.1f}s"
     )
+
+
+def _counted(row: dict[str, Any]) -> str:
+    """Says how many clients the means cover when some evaluations were left out."""
+    skipped = sum(row.get("skipped-images", {}).values())
+    note = f" | {skipped} image(s) left out (skip-corrupt)" if skipped else ""
+    if not row["excluded"]:
+        return note
+    return f"{note} | means over {row['clients-in-mean']} of {len(row['per-client'])} clients ({len(row['excluded'])} never trained)"
+
+
+def _skipped_images(history: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in history:
+        for client, n in row.get("skipped-images", {}).items():
+            counts[client] = max(counts.get(client, 0), n)
+    return dict(sorted(counts.items()))

@@ -52,6 +52,17 @@ class RoundStats:
     full_eval: bool = False  # whether Base/Novel were asked for this round
     evaluation: dict[int, dict[str, float]] = field(default_factory=dict)  # partition id -> metric -> value
     domains: dict[int, str] = field(default_factory=dict)  # partition id -> domain (feature shift)
+    sampled_evaluate: int = 0
+    skipped_images: dict[int, int] = field(default_factory=dict)  # partition id -> files left out (skip-corrupt)
+    # Evaluations not counted in the means: partition id -> why (e.g. it has never trained).
+    excluded: dict[int, str] = field(default_factory=dict)
+    # Errors a client reported as permanent (it would repeat them every round): "client 3" -> reason.
+    permanent: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def counted(self) -> dict[int, dict[str, float]]:
+        """The evaluations the means are taken over."""
+        return {c: row for c, row in self.evaluation.items() if c not in self.excluded}
 
     def reject(self, node_id: int, reason: str) -> None:
         key, n = str(node_id), 1
@@ -84,4 +95,4 @@ class RoundStats:
 
     @property
     def local_accuracy(self) -> dict[int, float]:
-        return {c: row["local"] for c, row in self.evaluation.items() if "local" in row}
+        return {c: row["local"] for c, row in self.counted.items() if "local" in row}

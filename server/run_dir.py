@@ -31,7 +31,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from common.metrics import csv_rows, markdown_table, per_domain_means, summarize
+from common.metrics import clients_in_mean, csv_rows, markdown_table, per_domain_means, summarize
 
 
 class ResumeError(ValueError):
@@ -150,17 +150,23 @@ class RunDirectory:
         self._write_json("partition.json", dict(partition))
 
     def write_evaluation(
-        self, server_round: int, per_client: Mapping[int, Mapping[str, float]], domains: Mapping[int, str], selection: str
+        self, server_round: int, per_client: Mapping[int, Mapping[str, float]], domains: Mapping[int, str], selection: str,
+        excluded: Mapping[int, str] | None = None,
     ) -> dict[str, Any]:
-        """evaluation.json, evaluation.md and evaluation.csv for the reported round."""
-        summary = summarize(per_client)
-        by_domain = per_domain_means(per_client, domains) if domains else {}
-        table = markdown_table(per_client, summary, dict(domains) or None)
+        """evaluation.json, evaluation.md and evaluation.csv for the reported round; the means
+        leave out the ``excluded`` clients (client -> why), which the tables still list."""
+        excluded = dict(excluded or {})
+        counted = {c: v for c, v in per_client.items() if c not in excluded}
+        summary = summarize(counted)
+        by_domain = per_domain_means(counted, domains) if domains else {}
+        table = markdown_table(per_client, summary, dict(domains) or None, excluded)
         result = {
             "round": server_round,
             "model-selection": selection,
             "per-client": {str(c): dict(v) for c, v in sorted(per_client.items())},
             "domains": {str(c): d for c, d in sorted(domains.items())},
+            "excluded": {str(c): why for c, why in sorted(excluded.items())},
+            "clients-in-mean": clients_in_mean(counted),
             "summary": summary,
             "per-domain-local": by_domain,
             "hm3": "harmonic mean of mean Local, Base, Novel (the paper's averaged HM)",
@@ -174,5 +180,5 @@ class RunDirectory:
             f"# Evaluation at round {server_round} (model selection: {selection})\n\n{table}\n{notes}{domain_block}"
         )
         with open(self.path / "evaluation.csv", "w", newline="") as f:
-            csv.writer(f).writerows(csv_rows(per_client, summary))
+            csv.writer(f).writerows(csv_rows(per_client, summary, excluded))
         return {**result, "table": table}

@@ -41,7 +41,7 @@ def test_train_reply_carries_only_shared_tensors(run_config, tiny_cfg, initial) 
             replies.append(from_record(reply.content.array_records["arrays"]))
             assert list(reply.content.array_records) == ["arrays"]
             assert set(reply.content["arrays"]) == set(shared)
-            assert set(reply.content.metric_records["metrics"]) == {"num-examples", "train-loss", "train-accuracy", "partition-id", "num-partitions", "private-source"}
+            assert set(reply.content.metric_records["metrics"]) == {"num-examples", "train-loss", "train-accuracy", "partition-id", "num-partitions", "private-source", "skipped-images"}
             assert not reply.content.config_records
             # No private tensor's values appear anywhere in what the reply puts on the wire.
             blob = wire_bytes(reply)

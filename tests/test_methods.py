@@ -150,7 +150,7 @@ def test_reply_carries_only_the_shared_tensors(run_config: dict[str, Any], tmp_p
     assert list(reply.content.array_records) == ["arrays"] and not reply.content.config_records
     assert set(reply.content["arrays"]) == set(method.initial_state()[Role.SHARED])
     assert set(reply.content.metric_records["metrics"]) == {
-        "num-examples", "train-loss", "train-accuracy", "partition-id", "num-partitions", "private-source"
+        "num-examples", "train-loss", "train-accuracy", "partition-id", "num-partitions", "private-source", "skipped-images"
     }
     blob = wire_bytes(reply)
     private = method.roles.state(model, Role.PRIVATE)  # the values just trained and stored

@@ -50,8 +50,21 @@ def test_tables_show_clients_and_mean() -> None:
     md = markdown_table(per_client, s).splitlines()
     assert md[0] == "| client | local | base | novel | hm3 | hm2 |"
     assert md[2].startswith("| 0 | 100.00 | 50.00 | 25.00 |")
-    assert md[-1].startswith("| **mean** | 75.00 | 37.50 | 50.00 |")
+    assert md[-2].startswith("| **mean** | 75.00 | 37.50 | 50.00 |")
+    assert md[-1].startswith("| clients in mean | 2 | 2 | 2 |")
     rows = list(csv.reader(io.StringIO("\n".join(",".join(r) for r in csv_rows(per_client, s)))))
-    assert rows[0] == ["client", "local", "base", "novel", "hm3", "hm2"]
+    assert rows[0] == ["client", "local", "base", "novel", "hm3", "hm2", "in-mean"]
     assert [r[0] for r in rows[1:]] == ["0", "1", "mean"]
     assert float(rows[-1][1]) == pytest.approx(0.75)
+
+
+def test_tables_list_excluded_clients_but_leave_them_out_of_the_mean() -> None:
+    per_client = {0: {"local": 1.0, "base": 0.5, "novel": 0.5}, 1: {"local": 0.5, "base": 0.5, "novel": 0.5}, 2: {"local": 0.0, "base": 0.0, "novel": 0.0}}
+    excluded = {2: "never trained in this run"}
+    s = summarize({c: r for c, r in per_client.items() if c not in excluded})
+    md = markdown_table(per_client, s, excluded=excluded).splitlines()
+    assert md[4].startswith("| 2 (not in mean: never trained in this run) | 0.00 |")
+    assert md[-2].startswith("| **mean** | 75.00 | 50.00 | 50.00 |")
+    assert md[-1].startswith("| clients in mean | 2 | 2 | 2 |")
+    rows = list(csv.reader(io.StringIO("\n".join(",".join(r) for r in csv_rows(per_client, s, excluded)))))
+    assert [r[-1] for r in rows[1:4]] == ["1", "1", "0"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from typing import Any
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.data import partition as partition_module
 from common.data.base import ImageSource
-from common.data.partition import SCHEMES, Partition, make_partition
+from common.data.partition import SCHEMES, Partition, Shortfall, make_partition
 from common.data.shapes import ShapesSource
 
 
@@ -180,3 +182,30 @@ def test_pathological_too_few_images_for_holders() -> None:
 def test_dirichlet_impossible_split_is_explained() -> None:
     with pytest.raises(ValueError, match="beta=0.01 over num_clients=40 left a client without"):
         make("dirichlet", cifar_like(5), cifar_like(1), 40, beta=0.01)
+
+
+def test_shots_beyond_the_images_warn_and_the_record_shows_real_counts(caplog: pytest.LogCaptureFixture) -> None:
+    # Class 0 has 3 training images, every other class 20; 4 shots per class asked for.
+    labels = np.concatenate([np.zeros(3, dtype=np.int64), np.repeat(np.arange(1, 10), 20)])
+    with caplog.at_level(logging.WARNING, logger=partition_module.__name__):
+        p = make("base-to-novel", Labels(labels), Labels(np.repeat(np.arange(10), 2)), 5, seed=1, shots=4)
+    holder = next(c for c in p.clients if 0 in c.classes)
+    assert holder.class_counts[0] == 3
+    assert p.shortfalls == [Shortfall(holder.client_id, 0, 4, 3)]
+    assert "shots=4: 1 of 5 (client, class) pairs have fewer images (min 3); using what there is" in caplog.text
+    data = p.to_json()
+    assert data["shortfalls"] == [{"client_id": holder.client_id, "class": 0, "requested": 4, "available": 3}]
+    assert data["clients"][holder.client_id]["train_per_class"] == "3"
+    row = p.table().splitlines()[2 + holder.client_id].split()
+    assert row[3:5] == ["3", "3"]  # #train and per-class: the real number, not the 4 asked for
+    assert "1 of 5 (client, class) pairs have fewer images" in p.table().splitlines()[0]
+    assert Partition.from_json(json.loads(json.dumps(data))) == p
+
+
+def test_shots_within_the_images_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=partition_module.__name__):
+        p = make("base-to-novel", cifar_like(20), cifar_like(2), 5, shots=4)
+        unlimited = make("dirichlet", cifar_like(20), cifar_like(2), 3)
+    assert caplog.text == "" and p.shortfalls == [] and unlimited.shortfalls == []
+    assert "fewer" not in p.table() and p.to_json()["shortfalls"] == []
+    assert all(row.split()[4] == "4" for row in p.table().splitlines()[2:])

@@ -42,7 +42,7 @@ def test_flwr_run_three_clients_two_rounds(flwr_home: Path, tmp_path: Path) -> N
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert set(evaluation["per-client"]) == {"0", "1", "2"}
     assert "| **mean** |" in (run_dir / "evaluation.md").read_text()
-    assert (run_dir / "evaluation.csv").read_text().splitlines()[0] == "client,local,base,novel,base-other,hm3,hm2"
+    assert (run_dir / "evaluation.csv").read_text().splitlines()[0] == "client,local,base,novel,base-other,hm3,hm2,in-mean"
     partition = json.loads((run_dir / "partition.json").read_text())
     assert partition["scheme"] == "base-to-novel" and len(partition["clients"]) == 3
     assert "HM3" in output and "partition (base-to-novel" in output

@@ -30,11 +30,11 @@ def _arrays(rng: np.random.Generator, overrides: dict[str, np.ndarray | None] | 
     return arrays
 
 
-def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int = 10) -> Message:
+def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int = 10, pid: int | None = None) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(node_id), "partition-id": node_id}),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(node_id), "partition-id": node_id if pid is None else pid}),
         }
     )
     return Message(content=content, metadata=_metadata(node_id))
@@ -111,9 +111,45 @@ def test_local_accuracy_is_unweighted_mean_over_clients(strategy: SharedFedAvg) 
     for pid, (acc, n) in enumerate([(0.5, 10), (1.0, 1000)]):
         content = RecordDict({"metrics": MetricRecord({"local-accuracy": acc, "num-examples": n, "partition-id": pid})})
         replies.append(Message(content=content, metadata=_metadata(pid + 1)))
+    strategy.trained.update({0, 1})
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics is not None and metrics["local-accuracy"] == pytest.approx(0.75)
     assert strategy.stats(1).local_accuracy == {0: 0.5, 1: 1.0}
+
+
+def _evaluation(pid: int, local: float) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"local-accuracy": local, "num-examples": 10, "partition-id": pid})})
+    return Message(content=content, metadata=_metadata(pid + 1))
+
+
+def test_a_client_that_never_trained_is_left_out_of_the_means(strategy: SharedFedAvg) -> None:
+    rng = np.random.default_rng(3)
+    # Client 2's training fails (an error reply); clients 0 and 1 train.
+    failed = Message(metadata=_metadata(3), error=Error(code=2, reason="ClientApp raised an exception"))
+    strategy.aggregate_train(1, [_reply(1, _arrays(rng), 10, pid=0), _reply(2, _arrays(rng), 10, pid=1), failed])
+    metrics = strategy.aggregate_evaluate(1, [_evaluation(0, 0.8), _evaluation(1, 0.6), _evaluation(2, 0.05)])
+    stats = strategy.stats(1)
+    assert metrics is not None and metrics["local-accuracy"] == pytest.approx(0.7)  # not (0.8 + 0.6 + 0.05) / 3
+    assert metrics["num-clients"] == 2
+    assert stats.excluded == {2: "never trained in this run"} and set(stats.evaluation) == {0, 1, 2}
+    assert strategy.round_failure(1) is None  # a transient failure of one client keeps the run going
+
+
+def test_a_permanent_client_error_or_a_round_without_valid_replies_fails_the_run(strategy: SharedFedAvg) -> None:
+    from common.errors import PERMANENT_ERROR_CODE
+
+    rng = np.random.default_rng(4)
+    strategy.aggregate_train(1, [_reply(1, _arrays(rng), 10, pid=0)])  # node 1 is client 0
+    bad_data = Message(metadata=_metadata(1), error=Error(code=PERMANENT_ERROR_CODE, reason="client 0: DatasetError: cannot read image /d/x.jpg"))
+    strategy.aggregate_train(2, [bad_data, _reply(2, _arrays(rng), 10, pid=1)])
+    assert strategy.stats(2).permanent == {"client 0": "DatasetError: cannot read image /d/x.jpg"}
+    assert "1 client(s) failed with an error that would repeat" in (strategy.round_failure(2) or "")
+
+    transient = Message(metadata=_metadata(2), error=Error(code=5, reason="Node Unavailable"))
+    strategy.stats(3).sampled_train = 2
+    strategy.aggregate_train(3, [transient])
+    assert strategy.stats(3).permanent == {}
+    assert strategy.round_failure(3) == "no valid training reply from the 2 sampled client(s)"
 
 
 @pytest.mark.usefixtures("server_task_identity")
@@ -171,6 +207,7 @@ def test_every_method_averages_its_shared_set_by_examples(tiny_cfg: RunConfig, n
 def test_reported_identifiers_are_read_only_when_integral_and_bounded(strategy: SharedFedAvg, bad: float) -> None:
     # A client's "partition-id" of inf must not crash the server in int(); it is not believed either.
     content = RecordDict({"metrics": MetricRecord({"local-accuracy": 0.5, "num-examples": 3, "partition-id": bad, "num-partitions": bad})})
+    strategy.trained.add(7)  # as if node 7's training had been accepted
     metrics = strategy.aggregate_evaluate(1, [Message(content=content, metadata=_metadata(7))])
     assert metrics is not None and strategy.stats(1).evaluation == {7: {"local": 0.5}}  # keyed by node id
     assert strategy.partition_of == {} and strategy.stats(1).num_partitions == set()

@@ -11,17 +11,17 @@ from functools import lru_cache
 from common.config import RunConfig
 from common.data.base import ClientData, EvalSet, ImageSource, LabeledDataset, SplitSources
 from common.data.partition import Partition, indices_of_classes, make_partition
-from common.data.registry import load_dataset
+from common.data.registry import load_dataset, resolve_domains
 from common.transforms import Stats, test_transform, train_transform
 
 
 @lru_cache(maxsize=4)
 def load_sources(dataset: str, data_dir: str, domains: tuple[str, ...], test_per_class: int, seed: int) -> SplitSources:
+    """``domains`` as `dataset-domains` gives them: empty means the dataset's default."""
+    domains = resolve_domains(dataset, domains)
     if dataset == "shapes":
-        options: dict = {"train_per_class": max(64, 2 * test_per_class), "test_per_class": test_per_class, "seed": seed}
-        if domains:
-            options["styles"] = domains
-        return load_dataset("shapes", **options)
+        train_per_class = max(64, 2 * test_per_class)
+        return load_dataset("shapes", styles=domains, train_per_class=train_per_class, test_per_class=test_per_class, seed=seed)
     return load_dataset(dataset, data_dir, **({"domains": list(domains)} if domains else {}))
 
 

@@ -4,7 +4,8 @@ Four schemes, all pure functions of (labels, domains, num_clients, seed, options
 
 * ``base-to-novel``: label shift of the CoOp family. The base classes (first ceil(C/2)) are
   shuffled and dealt to clients in disjoint chunks (:func:`base_to_novel`), each client takes
-  ``shots`` training images of each of its classes.
+  ``shots`` training images of each of its classes (all of them when a class has fewer: the
+  partition records the real counts and :func:`make_partition` logs the shortfall).
 * ``dirichlet``: label skew (CIFAR). Each class is spread over the clients by Dir(beta),
   through flwr-datasets' ``DirichletPartitioner`` so the split matches Flower's baselines.
 * ``pathological``: every client holds exactly ``classes_per_client`` classes.
@@ -19,6 +20,7 @@ keeps local accuracies comparable and avoids a second random draw.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -32,6 +34,8 @@ from flwr_datasets.partitioner import DirichletPartitioner  # type: ignore[impor
 
 from common.data.base import ImageSource
 from common.seeds import sub_seed
+
+logger = logging.getLogger(__name__)
 
 SCHEMES = ("base-to-novel", "dirichlet", "pathological", "domain")
 # A client with no training image cannot train nor carry a FedAvg weight, so Dirichlet draws that
@@ -52,6 +56,23 @@ class ClientPartition:
     class_counts: dict[int, int]  # training images per class
     domain: str | None = None
 
+    def per_class(self) -> str:
+        """The real training images per class: ``"16"``, or ``"3-16"`` when classes differ."""
+        if not self.class_counts:
+            return "0"
+        low, high = min(self.class_counts.values()), max(self.class_counts.values())
+        return str(low) if low == high else f"{low}-{high}"
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A (client, class) pair holding fewer training images than the ``shots`` asked for."""
+
+    client_id: int
+    label: int
+    requested: int
+    available: int
+
 
 @dataclass
 class Partition:
@@ -62,22 +83,56 @@ class Partition:
     clients: list[ClientPartition]
     base_classes: list[int] | None = None  # base-to-novel only
     novel_classes: list[int] | None = None
-    params: dict[str, Any] = field(default_factory=dict)  # shots, beta, classes-per-client used
+    params: dict[str, Any] = field(default_factory=dict)  # shots (as asked), beta, classes-per-client
+
+    @property
+    def shortfalls(self) -> list[Shortfall]:
+        """Every (client, class) pair with fewer training images than ``params["shots"]``.
+
+        Derived from the real counts rather than stored, so a partition read back from JSON
+        (where it is also written, for a reader's benefit) cannot disagree with its counts.
+        """
+        shots = self.params.get("shots")
+        if shots is None:
+            return []
+        return [
+            Shortfall(c.client_id, label, shots, n)
+            for c in self.clients
+            for label, n in sorted(c.class_counts.items())
+            if n < shots
+        ]
+
+    def shortfall_summary(self) -> str | None:
+        """One line on the pairs short of ``shots`` (None when there are none)."""
+        short = self.shortfalls
+        if not short:
+            return None
+        pairs = sum(len(c.class_counts) for c in self.clients)
+        fewest = min(s.available for s in short)
+        return (
+            f"shots={self.params['shots']}: {len(short)} of {pairs} (client, class) pairs have fewer images "
+            f"(min {fewest}); using what there is"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "scheme": self.scheme,
             "seed": self.seed,
-            "params": dict(self.params),
+            "params": dict(self.params),  # as asked; the real counts are per client below
             "num_clients": len(self.clients),
             "base_classes": self.base_classes,
             "novel_classes": self.novel_classes,
+            "shortfalls": [
+                {"client_id": s.client_id, "class": s.label, "requested": s.requested, "available": s.available}
+                for s in self.shortfalls
+            ],
             "clients": [
                 {
                     "client_id": c.client_id,
                     "domain": c.domain,
                     "classes": c.classes,
                     "class_counts": {str(k): v for k, v in sorted(c.class_counts.items())},
+                    "train_per_class": c.per_class(),
                     "num_train": len(c.train_indices),
                     "num_test": len(c.test_indices),
                     "train_indices": _runs(c.train_indices),
@@ -111,7 +166,7 @@ class Partition:
 
     def table(self, preview: int = 8) -> str:
         """A human-readable summary, one row per client, for the start-up log."""
-        rows = [("client", "domain", "#classes", "#train", "#test", "classes")]
+        rows = [("client", "domain", "#classes", "#train", "per-class", "#test", "classes")]
         for c in self.clients:
             shown = ",".join(map(str, c.classes[:preview])) + (",..." if len(c.classes) > preview else "")
             rows.append(
@@ -120,6 +175,7 @@ class Partition:
                     c.domain or "-",
                     str(len(c.classes)),
                     str(len(c.train_indices)),
+                    c.per_class(),
                     str(len(c.test_indices)),
                     shown,
                 )
@@ -131,6 +187,10 @@ class Partition:
         head = f"partition scheme={self.scheme} seed={self.seed} {params} clients={len(self.clients)} train={total}"
         if self.base_classes is not None:
             head += f" base={len(self.base_classes)} novel={len(self.novel_classes or [])}"
+        short = self.shortfall_summary()
+        if short:
+            # On the header line, so the table keeps one line per client plus the column names.
+            head += f" [{short}; per-class shows the real counts]"
         return "\n".join([head, *lines])
 
 
@@ -283,8 +343,33 @@ def make_partition(
     ``beta`` is used by ``dirichlet`` and ``domain``, ``classes_per_client`` by ``pathological``,
     ``base_classes`` (None: the first half of the labels) by ``base-to-novel``.
     Without a cap, ``dirichlet``, ``pathological`` and ``domain`` assign every training image to
-    exactly one client.
+    exactly one client. A (client, class) pair with fewer images than ``shots`` keeps all it has;
+    such pairs are logged once here and listed in :attr:`Partition.shortfalls`.
     """
+    partition = _make_partition(
+        scheme, train, test, num_clients, seed,
+        shots=shots, beta=beta, classes_per_client=classes_per_client, base_classes=base_classes,
+    )
+    short = partition.shortfall_summary()
+    # Under Dirichlet skew a client holding few images of a class is the point, not a shortfall
+    # worth a warning; the table and partition.json still give the real counts.
+    if short and scheme in ("base-to-novel", "pathological"):
+        logger.warning("%s", short)
+    return partition
+
+
+def _make_partition(
+    scheme: str,
+    train: ImageSource,
+    test: ImageSource,
+    num_clients: int,
+    seed: int,
+    *,
+    shots: int | None,
+    beta: float,
+    classes_per_client: int,
+    base_classes: Sequence[int] | None,
+) -> Partition:
     if scheme not in SCHEMES:
         raise ValueError(f"partition scheme={scheme!r} is unknown; valid: {list(SCHEMES)}")
     if num_clients < 1:

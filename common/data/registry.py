@@ -16,12 +16,15 @@ from typing import Any
 from common.data.base import SplitSources
 from common.data.cifar import load_cifar10, load_cifar100
 from common.data.coop import COOP_NAMES, load_coop
-from common.data.domains import load_domainnet, load_office_caltech10
+from common.data.domains import DOMAINNET_DOMAINS, OFFICE_DOMAINS, load_domainnet, load_office_caltech10
 from common.data.files import DatasetError
 from common.data.imagefolder import load_imagefolder
-from common.data.shapes import load_shapes
+from common.data.shapes import STYLES, load_shapes
 
-__all__ = ["DATASET_NAMES", "DatasetError", "dataset_options", "load_dataset", "normalize_name"]
+__all__ = [
+    "DATASET_NAMES", "DOMAINS", "DatasetError", "dataset_options", "default_domains", "load_dataset", "normalize_name",
+    "resolve_domains",
+]
 
 # Each loader takes the data directory first, then keyword options.
 _LOADERS: dict[str, Callable[..., SplitSources]] = {
@@ -34,6 +37,17 @@ _LOADERS: dict[str, Callable[..., SplitSources]] = {
 }
 DATASET_NAMES: tuple[str, ...] = (*_LOADERS, "shapes")
 
+# The datasets that have domains (shapes: its drawing styles), and all of their domains.
+DOMAINS: dict[str, tuple[str, ...]] = {
+    "shapes": STYLES,
+    "domainnet": DOMAINNET_DOMAINS,
+    "office_caltech10": OFFICE_DOMAINS,
+}
+# What an empty `dataset-domains` means, per dataset: all of its domains, except for shapes,
+# whose default is the offline miniature's style ("striped": the one the tiny CLIP knows worst).
+_DEFAULT_DOMAINS: dict[str, tuple[str, ...]] = {"shapes": ("striped",)}
+ALL_DOMAINS = "all"  # a `dataset-domains` value: every domain of the dataset
+
 
 def normalize_name(name: str) -> str:
     """The registry key for ``name``; raises listing the valid names if there is none."""
@@ -41,6 +55,41 @@ def normalize_name(name: str) -> str:
     if key not in DATASET_NAMES:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return key
+
+
+def default_domains(name: str) -> tuple[str, ...]:
+    """The domains dataset ``name`` uses when `dataset-domains` is empty; () when it has none."""
+    key = normalize_name(name)
+    return _DEFAULT_DOMAINS.get(key, DOMAINS.get(key, ()))
+
+
+def resolve_domains(name: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The domains to load for `dataset-domains` = ``requested`` (already split on commas).
+
+    Empty means the dataset's default and ``all`` every domain; a dataset without domains
+    takes only the empty value. Raises naming the key, the value and what is allowed.
+    """
+    key = normalize_name(name)
+    given = ",".join(requested)
+    if key not in DOMAINS:
+        if requested:
+            raise DatasetError(
+                f"dataset-domains={given!r}: dataset {key!r} has no domains; leave dataset-domains empty "
+                f"(datasets with domains: {', '.join(DOMAINS)})"
+            )
+        return ()
+    if not requested:
+        return default_domains(key)
+    if requested == (ALL_DOMAINS,):
+        return DOMAINS[key]
+    unknown = [d for d in requested if d not in DOMAINS[key]]
+    if unknown or len(set(requested)) != len(requested):
+        problem = f"unknown {unknown}" if unknown else "repeated names"
+        raise DatasetError(
+            f"dataset-domains={given!r}: {problem} for dataset {key!r}; valid: {', '.join(DOMAINS[key])}, "
+            f"'{ALL_DOMAINS}', or '' for the default ({', '.join(default_domains(key))})"
+        )
+    return requested
 
 
 def dataset_options(name: str) -> list[str]:

@@ -85,17 +85,35 @@ def execute(run: PlannedRun, command: list[str], show: Callable[[str], None]) ->
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if "[pfedmma] round" in line or "[pfedmma] done" in line:
+            if any(f"[pfedmma] {word}" in line for word in ("round", "done", "FAILED", "  ")):
                 show(line[line.index("[pfedmma]") + len("[pfedmma] ") :].rstrip())
         returncode = proc.wait()
     # Rounded here, not only in compare.json, so that a table built now and one rebuilt
     # from the records later average the same numbers.
     seconds = round(time.monotonic() - started, 1)
     finished = [d for d in run.run_dirs() if (d / "summary.json").is_file()]
-    if returncode == 0 and len(finished) == 1:
+    failure = _failure(finished[0]) if len(finished) == 1 else None
+    if returncode == 0 and len(finished) == 1 and failure is None:
         return Outcome(finished[0], seconds, returncode, "completed")
-    reason = f"flwr run exited with {returncode}" if returncode else "no run directory with a summary.json was written"
+    logged = (run.folder / "flwr.log").read_text(errors="replace").splitlines()
+    failed_lines = [line.split("[pfedmma] ", 1)[1].strip() for line in logged if "[pfedmma] FAILED" in line or "[pfedmma]   " in line]
+    if failure is not None:
+        reason = f"the run failed: {failure}"
+    elif failed_lines:
+        reason = " ".join(failed_lines)
+    else:
+        reason = f"flwr run exited with {returncode}" if returncode else "no run directory with a summary.json was written"
     return Outcome(None, seconds, returncode, f"{reason}; see {run.folder / 'flwr.log'}")
+
+
+def _failure(run_dir: Path) -> str | None:
+    """What summary.json says went wrong, or None for a run that completed."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("status", "completed") == "completed":
+        return None
+    failure = summary.get("failure") or {}
+    clients = "; ".join(f"{who}: {why}" for who, why in (failure.get("clients") or {}).items())
+    return f"{failure.get('reason', 'unknown reason')} ({clients})" if clients else str(failure.get("reason", "unknown reason"))
 
 
 def write_record(run: PlannedRun, command: list[str], outcome: Outcome) -> None:

@@ -10,6 +10,7 @@ from server.strategies.shared_fedavg import SharedFedAvg
 
 
 class EvaluateOnly(SharedFedAvg):
+    trains = False
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         return []
 

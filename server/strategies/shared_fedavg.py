@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -17,6 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
+from common.errors import PERMANENT_ERROR_CODE
 from common.metrics import summarize
 from common.seeds import sub_seed
 from server.round_stats import PRIVATE_SOURCES, RoundStats, identifier, scalar
@@ -24,7 +26,9 @@ from server.validation import TensorSpec, reply_bytes, reply_problem
 
 log = logging.getLogger(__name__)
 
-PER_CLIENT_KEYS = ("partition-id", "num-partitions", "private-source")  # identifiers, not quantities to average
+# Identifiers and per-client counts, not quantities to average.
+MAX_REASON = 2000  # characters of a client's error reason that are kept
+PER_CLIENT_KEYS = ("partition-id", "num-partitions", "private-source", "skipped-images")
 
 
 def _mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -47,7 +51,15 @@ class SharedFedAvg(FedAvg):
     match it exactly, so a reply carrying any tensor outside the method's shared set is
     rejected. Local accuracy is reported as the unweighted mean over clients (SPEC §4).
     Subclasses change what each client is sent through :meth:`personalise`.
+
+    A client's evaluation counts in the means only once that client has trained in this run
+    (a method that trains nothing has every evaluation counted): before that it measures the
+    common initialisation, not the method. Error replies a client marks as permanent are
+    kept per round in :attr:`RoundStats.permanent`; :meth:`round_failure` says whether the
+    run must stop.
     """
+
+    trains = True  # whether clients train (and so whether an untrained client's evaluation is valid)
 
     def __init__(
         self,
@@ -70,6 +82,7 @@ class SharedFedAvg(FedAvg):
         self.seed = seed  # node sampling draws from (seed, round), never Python's global RNG
         self.rounds: dict[int, RoundStats] = {}
         self.partition_of: dict[int, int] = {}  # node id -> the partition id it reported
+        self.trained: set[int] = set()  # partition ids with an accepted training reply in this run
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *args, **kwargs) -> SharedFedAvg:
@@ -103,6 +116,9 @@ class SharedFedAvg(FedAvg):
             self.partition_of[msg.metadata.src_node_id] = client
         if partitions is not None:
             stats.num_partitions.add(partitions)
+        skipped = identifier(metrics, "skipped-images")
+        if skipped:
+            stats.skipped_images[client if client is not None else msg.metadata.src_node_id] = skipped
         return client
 
     def record_accepted(self, server_round: int, accepted: list[Message]) -> None:
@@ -113,6 +129,33 @@ class SharedFedAvg(FedAvg):
             client, source = self.note_client(msg, reported, stats), identifier(reported, "private-source")
             if source is not None and source < len(PRIVATE_SOURCES):
                 stats.private_sources[client if client is not None else -1] = PRIVATE_SOURCES[source]
+            # Keyed as evaluations are: by partition id, by node id when none was reported.
+            self.trained.add(client if client is not None else msg.metadata.src_node_id)
+
+    def note_error(self, server_round: int, msg: Message) -> None:
+        """Keep an error reply's reason when the client marked it permanent."""
+        if msg.error.code != PERMANENT_ERROR_CODE:
+            return
+        # A client's text: bounded before it reaches logs and summary.json.
+        node, reason = msg.metadata.src_node_id, (msg.error.reason or "")[:MAX_REASON]
+        named = re.match(r"client (\d+): (.*)", reason, re.DOTALL)  # the client names itself when it can
+        if named:
+            who, reason = f"client {named[1]}", named[2]
+        else:
+            who = f"client {self.partition_of[node]}" if node in self.partition_of else f"node {node}"
+        self.stats(server_round).permanent[who] = reason
+
+    def round_failure(self, server_round: int) -> str | None:
+        """Why the run must stop after ``server_round``, or None. Transient failures (a node
+        that drops out while others reply) keep the run going."""
+        stats = self.stats(server_round)
+        if stats.permanent:
+            return f"{len(stats.permanent)} client(s) failed with an error that would repeat every round"
+        if stats.sampled_train and not stats.valid:
+            return f"no valid training reply from the {stats.sampled_train} sampled client(s)"
+        if stats.sampled_evaluate and not stats.evaluation:
+            return f"no valid evaluation reply from the {stats.sampled_evaluate} sampled client(s)"
+        return None
 
     def round_record(self, server_round: int) -> dict[str, object]:
         """Strategy-specific entries of the round's metrics.jsonl row."""
@@ -180,6 +223,8 @@ class SharedFedAvg(FedAvg):
             if problem is None:
                 accepted.append(msg)
             else:
+                if msg.has_error():
+                    self.note_error(server_round, msg)
                 stats.reject(msg.metadata.src_node_id, problem)
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
         stats.valid = len(accepted)
@@ -200,6 +245,7 @@ class SharedFedAvg(FedAvg):
         stats.full_eval = full
         config = ConfigRecord({**dict(config), **self.client_config, "full-eval": full})
         messages = self._messages(server_round, arrays, config, grid, training=False)
+        stats.sampled_evaluate = len(messages)
         stats.count_sent(messages)
         return messages
 
@@ -210,6 +256,7 @@ class SharedFedAvg(FedAvg):
         for msg in replies:
             if msg.has_error():
                 log.warning("round %d: evaluation failed on node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                self.note_error(server_round, msg)
                 continue
             stats.count_received(msg)
             metrics = msg.content.metric_records.get("metrics")
@@ -226,7 +273,9 @@ class SharedFedAvg(FedAvg):
             info = msg.content.config_records.get("client")
             if info is not None and "domain" in info:
                 stats.domains[client] = str(info["domain"])
-        if not stats.evaluation:
+            if self.trains and client not in self.trained:
+                stats.excluded[client] = "never trained in this run"
+        if not stats.counted:
             return None
-        means = summarize(stats.evaluation)
-        return MetricRecord({**{k if k.startswith("hm") else f"{k}-accuracy": v for k, v in means.items()}, "num-clients": len(stats.evaluation)})
+        means = summarize(stats.counted)
+        return MetricRecord({**{k if k.startswith("hm") else f"{k}-accuracy": v for k, v in means.items()}, "num-clients": len(stats.counted)})
