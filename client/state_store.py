@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.arrays import from_record, to_record
-from common.errors import PermanentError
+from common.errors import PermanentError, disk_full, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,21 @@ class PrivateStateStore:
             )
 
     def _read_file(self) -> dict[str, torch.Tensor]:
-        with safe_open(str(self.path), framework="pt") as f:
-            meta = f.metadata() or {}
-        self._check(json.loads(meta.get("fingerprint", "{}")), str(self.path))
-        return load_file(str(self.path))
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+            stored = json.loads(meta.get("fingerprint", "{}"))
+            tensors = load_file(str(self.path))
+        except (SafetensorError, OSError, ValueError) as err:  # a bad header, a short file, bad JSON metadata
+            raise PrivateStateError(
+                f"private-state file {self.path} is unreadable ({type(err).__name__}: {err}): truncated, or not "
+                f"a safetensors file. To start this client over from the common initialisation, remove it "
+                f"(`python -m client.reset_state --state-dir {self.path.parent.parent} --experiment "
+                f"{self.path.parent.name} --client {self.path.stem.removeprefix('client-')}`), or use another "
+                "experiment-name or state-dir"
+            ) from None
+        self._check(stored, str(self.path))
+        return tensors
 
     def _write_file(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +106,12 @@ class PrivateStateStore:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            if is_disk_full(err) or "No space left on device" in str(err):  # safetensors wraps the OSError
+                raise disk_full(
+                    self.path, "the private state",
+                    "free space there, or set state-dir (run or node config) to another file system; "
+                    "the previous file, if any, is intact",
+                ) from None
             raise

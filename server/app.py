@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.arrays import to_record
 from common.config import ConfigError, RunConfig
+from common.errors import is_disk_full
 from common.methods import Method, method_for
 from common.model.clip import backbone_parameter_count
 from common.model.roles import Role
@@ -88,6 +89,18 @@ def main(grid: Grid, context: Context) -> None:
         for line in lines[1:]:
             print(f"[pfedmma]   {line.strip()}", flush=True)
         return
+    try:
+        run(cfg, grid, context)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        where = err.filename or cfg.output_dir
+        print(f"[pfedmma] FAILED: no space left on the device to write {where}; free space there or set "
+              f"output-dir to another file system, then continue with resume-from", flush=True)
+
+
+def run(cfg: RunConfig, grid: Grid, context: Context) -> None:
+    """Seed or resume the global state, run the rounds, write the results."""
     method = method_for(cfg)
     # Only the shared tensors ever exist on the server; they start from the same seed that
     # every client uses for its own initial private tensors.

@@ -15,8 +15,7 @@ from common.data.federated import partition_for, sources_for
 from common.data.files import DatasetError
 from common.errors import PermanentError
 from common.methods import method_for
-from common.model.clip import _resolve_pretrained as resolve_pretrained
-from common.model.clip import model_dims
+from common.model.clip import model_dims, resolve_pretrained
 
 log = logging.getLogger(__name__)
 

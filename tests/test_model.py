@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.model.clip import _resolve_pretrained, build_clip
+from common.errors import CheckpointError
+from common.model.clip import build_clip, resolve_pretrained
 
 
 def test_pretrained_file_path_loads_identical_weights(tmp_path: Path) -> None:
@@ -33,15 +34,15 @@ def test_unknown_tag_lists_valid_tags_and_missing_file_is_named(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"pretrained='opneai' is not a tag of model 'ViT-B-16'; valid tags: \[.*'openai'"):
         build_clip("ViT-B-16", "opneai")
     missing = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(CheckpointError, match="nope.pt"):
         build_clip("pfedmma-tiny", str(missing))
 
 
 def test_openai_weights_get_quick_gelu() -> None:
     # OpenAI CLIP was trained with QuickGELU (SPEC §1); the tag must switch it on.
-    assert _resolve_pretrained("ViT-B-16", "openai") == ("openai", True)
-    assert _resolve_pretrained("ViT-B-16-quickgelu", "openai") == ("openai", False)
-    assert _resolve_pretrained("ViT-B-16", "") == (None, False)
+    assert resolve_pretrained("ViT-B-16", "openai") == ("openai", True)
+    assert resolve_pretrained("ViT-B-16-quickgelu", "openai") == ("openai", False)
+    assert resolve_pretrained("ViT-B-16", "") == (None, False)
 
 
 def test_bundled_checkpoint_is_found_on_sys_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

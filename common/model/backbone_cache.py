@@ -56,7 +56,9 @@ def cache_key(model_name: str, weights: str | None, quick_gelu: bool, init_seed:
 def load_cached(path: Path, model_name: str, quick_gelu: bool) -> nn.Module | None:
     if not path.is_file():
         return None
-    with skipped_init():
+    from common.model.clip import weights_loaded_elsewhere  # clip imports this module
+
+    with skipped_init(), weights_loaded_elsewhere():
         model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     model.load_state_dict(state, assign=True)  # parameters now view the mapped file

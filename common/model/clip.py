@@ -8,8 +8,10 @@ initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import open_clip
 import torch
 from torch import nn
 
+from common.errors import CheckpointError
 from common.model import backbone_cache
 
 log = logging.getLogger(__name__)
@@ -98,8 +101,9 @@ def bundled_checkpoint(name: str) -> Path | None:
     return None
 
 
-def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, bool]:
-    """Return (open_clip pretrained argument, force_quick_gelu)."""
+def resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, bool]:
+    """Return (open_clip pretrained argument, force_quick_gelu); raise :class:`CheckpointError`
+    for a missing file or an unknown tag."""
     if pretrained.lower() in NO_PRETRAINED:
         return None, False
     if Path(pretrained).expanduser().is_file():
@@ -111,11 +115,11 @@ def _resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, b
     if pretrained not in tags:
         looks_like_path = any(sep in pretrained for sep in ("/", "\\", "."))
         if looks_like_path:
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"pretrained={pretrained!r}: no such checkpoint file "
-                f"(and not an open_clip tag of {model_name!r})"
+                f"(and not an open_clip tag of {model_name!r}); give the path of a checkpoint present on every node"
             )
-        raise ValueError(
+        raise CheckpointError(
             f"pretrained={pretrained!r} is not a tag of model {model_name!r}; "
             f"valid tags: {sorted(tags) or 'none'}, a bundled checkpoint name, a checkpoint file path, "
             "or '' for random init"
@@ -142,13 +146,13 @@ def build_clip(
     models = available_models()
     if model_name not in models:
         raise ValueError(f"model-name={model_name!r} is unknown; valid names: {models}")
-    weights, quick_gelu = _resolve_pretrained(model_name, pretrained)
+    weights, quick_gelu = resolve_pretrained(model_name, pretrained)
     cached = None
     if cache_dir is not None:
         cached = cache_dir.expanduser() / f"{backbone_cache.cache_key(model_name, weights, quick_gelu, init_seed)}.pt"
         model = backbone_cache.load_cached(cached, model_name, quick_gelu)
     if cached is None or model is None:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _checkpoint_errors(model_name, pretrained, weights):
             torch.manual_seed(init_seed)
             model = open_clip.create_model(
                 model_name, pretrained=weights, force_quick_gelu=quick_gelu, require_pretrained=weights is not None
@@ -174,14 +178,48 @@ def build_clip(
     )
 
 
+@contextlib.contextmanager
+def _checkpoint_errors(model_name: str, pretrained: str, weights: str | None) -> Iterator[None]:
+    """Any failure to read a checkpoint file becomes a :class:`CheckpointError` naming the key and
+    the file. open_clip reads files safely (safetensors, or ``torch.load(weights_only=True)``);
+    PyTorch's own text is left out because it suggests ``weights_only=False``, which would
+    unpickle, and so run, whatever the file holds."""
+    try:
+        yield
+    except Exception as err:
+        if weights is None or not Path(weights).is_file():
+            raise
+        raise CheckpointError(
+            f"pretrained={pretrained!r}: {weights} cannot be used as weights of model-name={model_name!r} "
+            f"({type(err).__name__}); expected a safetensors file or a torch state dict of tensors "
+            "(torch.save of model.state_dict()) with this model's keys and shapes. Files are only ever "
+            "read as tensors, never unpickled; re-export the checkpoint, or check model-name"
+        ) from None
+
+
+class _NoWeightsWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" warning where weights come from elsewhere."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def weights_loaded_elsewhere() -> Iterator[None]:
+    """For a model built empty and then filled (backbone cache, meta-device counts): open_clip
+    warns on the root logger that the model is randomly initialised, which is not so."""
+    root, quiet = logging.getLogger(), _NoWeightsWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def backbone_parameter_count(model_name: str) -> int:
     """Parameters of the (frozen) CLIP, counted on the meta device: no memory, no weights."""
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no weights were loaded
-    try:
+    with weights_loaded_elsewhere():
         model = open_clip.create_model(model_name, pretrained=None, device="meta")
-    finally:
-        logging.getLogger().setLevel(level)
     return sum(p.numel() for p in model.parameters())
 
 
