@@ -108,7 +108,7 @@ class PrivateStateStore:
             os.replace(tmp, self.path)
         except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
-            if is_disk_full(err) or "No space left on device" in str(err):  # safetensors wraps the OSError
+            if is_disk_full(err):
                 raise disk_full(
                     self.path, "the private state",
                     "free space there, or set state-dir (run or node config) to another file system; "

@@ -10,6 +10,7 @@ Every message names the key or file, the value, and what to do about it.
 from __future__ import annotations
 
 import errno
+import os
 
 
 class PermanentError(Exception):
@@ -23,14 +24,26 @@ class CheckpointError(PermanentError, ValueError):
 class DiskFullError(PermanentError, OSError):
     """A write failed because the file system is full (or over quota)."""
 
+    def __str__(self) -> str:
+        # The message already names the file; OSError would append it again as ": '<path>'".
+        return str(self.strerror)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC or EDQUOT, also where a library wrapped it (safetensors raises its own error type
+    whose text carries the system's message)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return any(os.strerror(code) in str(exc) for code in _DISK_FULL)
 
 
 def disk_full(path: object, what: str, remedy: str) -> DiskFullError:
-    """The error to raise for an ENOSPC/EDQUOT while writing ``what`` at ``path``."""
-    return DiskFullError(errno.ENOSPC, f"no space left on the device to write {what} {path}; {remedy}")
+    """The error to raise for an ENOSPC/EDQUOT while writing ``what`` at ``path``; its
+    ``filename`` is the path, for handlers that print only that."""
+    return DiskFullError(errno.ENOSPC, f"no space left on the device to write {what} {path}; {remedy}", str(path))
 
 
 # The code of a client's error reply for a PermanentError (Flower's own codes are 0-8).

@@ -16,11 +16,12 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
+from common.errors import disk_full, is_disk_full
 from common.metrics import clients_in_mean, csv_rows, markdown_table, per_domain_means, summarize
 
 
@@ -46,7 +48,8 @@ class RunDirectory:
     def create(cls, root: Path, run_id: int, config: Mapping[str, Any], state_namespace: str) -> RunDirectory:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = cls(root.expanduser().resolve() / f"{stamp}-run{run_id}")
-        (run_dir.path / "global").mkdir(parents=True, exist_ok=False)
+        with run_dir._writing(run_dir.path):
+            (run_dir.path / "global").mkdir(parents=True, exist_ok=False)
         run_dir._write_json("config.json", dict(config))
         run_dir._write_json("run.json", {"run-id": run_id, "state-namespace": state_namespace, "resumed-by": []})
         return run_dir
@@ -65,12 +68,30 @@ class RunDirectory:
         rows = run_dir.completed_rounds()
         # Drop a torn or unsaved last row so that appended rows continue a clean history.
         tmp = run_dir.path / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        tmp.replace(run_dir.path / "metrics.jsonl")
+        with run_dir._writing(run_dir.path / "metrics.jsonl", tmp):
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            tmp.replace(run_dir.path / "metrics.jsonl")
         info = run_dir.run_info()
         info["resumed-by"].append({"run-id": run_id, "after-round": run_dir.last_completed_round()})
         run_dir._write_json("run.json", info)
         return run_dir
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path, temporary: Path | None = None) -> Iterator[None]:
+        """A full disk while writing ``path`` becomes a :class:`DiskFullError` naming it and
+        output-dir. ``temporary``, written to be renamed over ``path``, is removed, so ``path``
+        keeps its previous content."""
+        try:
+            yield
+        except Exception as err:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+            if not is_disk_full(err):
+                raise
+            raise disk_full(
+                path, "the run record", "free space there, or set output-dir to another file system; the "
+                f"rounds saved so far continue with resume-from={str(self.path)!r}",
+            ) from None
 
     def run_info(self) -> dict[str, Any]:
         return json.loads((self.path / "run.json").read_text())
@@ -103,14 +124,16 @@ class RunDirectory:
 
     def _write_json(self, name: str, data: Any) -> None:
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.path / name)
+        with self._writing(self.path / name, tmp):
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            tmp.replace(self.path / name)
 
     def save_global(self, server_round: int, state: Mapping[str, torch.Tensor]) -> Path:
         path = self.global_path(server_round)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(path)  # a checkpoint is either complete or absent
+        with self._writing(path, tmp):
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            tmp.replace(path)  # a checkpoint is either complete or absent
         return path
 
     def server_state_path(self, server_round: int) -> Path:
@@ -120,10 +143,11 @@ class RunDirectory:
         if not arrays and not metadata:
             return
         path = self.server_state_path(server_round)
-        path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=dict(metadata))
-        tmp.replace(path)
+        with self._writing(path, tmp):
+            path.parent.mkdir(exist_ok=True)
+            save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=dict(metadata))
+            tmp.replace(path)
 
     def load_server_state(self, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """The strategy's state after ``server_round`` ({} and {} when it kept none)."""
@@ -138,7 +162,8 @@ class RunDirectory:
         self._write_json("method.json", dict(record))
 
     def append_round(self, row: Mapping[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+        # A torn last line (the disk filled mid-write) is dropped by completed_rounds() on resume.
+        with self._writing(self.path / "metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(row), sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -176,9 +201,10 @@ class RunDirectory:
         notes = "\nAccuracy in %. HM3 = HM(Local, Base, Novel) of the means (the paper's HM); HM2 = HM(Base, Novel).\n"
         domain_lines = "".join(f"\n- {d}: {100 * v:.2f}" for d, v in by_domain.items())
         domain_block = f"\nMean Local per domain:{domain_lines}\n" if by_domain else ""
-        (self.path / "evaluation.md").write_text(
-            f"# Evaluation at round {server_round} (model selection: {selection})\n\n{table}\n{notes}{domain_block}"
-        )
-        with open(self.path / "evaluation.csv", "w", newline="") as f:
+        with self._writing(self.path / "evaluation.md"):
+            (self.path / "evaluation.md").write_text(
+                f"# Evaluation at round {server_round} (model selection: {selection})\n\n{table}\n{notes}{domain_block}"
+            )
+        with self._writing(self.path / "evaluation.csv"), open(self.path / "evaluation.csv", "w", newline="") as f:
             csv.writer(f).writerows(csv_rows(per_client, summary, excluded))
         return {**result, "table": table}

@@ -30,8 +30,9 @@ def make_dtd(root: Path) -> Path:
 
 
 def _config(tmp_path: Path, runs: Path, data: Path, extra: str = "") -> str:
+    rounds = "" if "num-server-rounds" in extra else "num-server-rounds=2 "
     return (
-        f"dataset='dtd' data-dir='{data}' shots=0 batch-size=4 num-server-rounds=2 local-epochs=1 "
+        f"dataset='dtd' data-dir='{data}' shots=0 batch-size=4 {rounds}local-epochs=1 "
         f"model-name='pfedmma-tiny' pretrained='' output-dir='{runs}' state-dir='{tmp_path / 'state'}' {extra}"
     )
 
@@ -76,9 +77,9 @@ def test_bad_input_stops_the_run_early_and_says_why(flwr_home: Path, tmp_path: P
 
     # With skip-corrupt the file is left out and counted, and the run completes.
     runs = tmp_path / "runs-skip"
-    result = flwr_run_in(flwr_home, _config(tmp_path, runs, data, "skip-corrupt=true"), supernodes=2, timeout=300)
+    result = flwr_run_in(flwr_home, _config(tmp_path, runs, data, "skip-corrupt=true num-server-rounds=1"), supernodes=2, timeout=300)
     output = result.stdout + result.stderr
-    assert "[pfedmma] done (pfedmma): 2 rounds" in output, output[-3000:]
+    assert "[pfedmma] done (pfedmma): 1 rounds" in output, output[-3000:]
     assert "1 image(s) left out (skip-corrupt)" in output
     summary = _summary(runs)
     assert summary["status"] == "completed" and list(summary["skipped-images"].values()) == [1]

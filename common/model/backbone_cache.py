@@ -21,6 +21,8 @@ import open_clip
 import torch
 from torch import nn
 
+from common.errors import disk_full, is_disk_full
+
 _INIT_FUNCTIONS = (
     "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
     "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
@@ -73,6 +75,9 @@ def store(path: Path, model: nn.Module) -> None:
     try:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full(path, "the backbone cache", "free space there, or set cache-dir (node config) to "
+                            "another file system") from None
         raise

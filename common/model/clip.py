@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from common.errors import CheckpointError
-from common.model import backbone_cache
+from common.model import backbone_cache, checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,7 @@ def build_clip(
         cached = cache_dir.expanduser() / f"{backbone_cache.cache_key(model_name, weights, quick_gelu, init_seed)}.pt"
         model = backbone_cache.load_cached(cached, model_name, quick_gelu)
     if cached is None or model is None:
-        with torch.random.fork_rng(devices=[]), _checkpoint_errors(model_name, pretrained, weights):
-            torch.manual_seed(init_seed)
-            model = open_clip.create_model(
-                model_name, pretrained=weights, force_quick_gelu=quick_gelu, require_pretrained=weights is not None
-            )
+        model = _create(model_name, pretrained, weights, quick_gelu, init_seed)
         if cached is not None:
             backbone_cache.store(cached, model)
     model = model.to(device)
@@ -178,36 +175,42 @@ def build_clip(
     )
 
 
-@contextlib.contextmanager
-def _checkpoint_errors(model_name: str, pretrained: str, weights: str | None) -> Iterator[None]:
-    """Any failure to read a checkpoint file becomes a :class:`CheckpointError` naming the key and
-    the file. open_clip reads files safely (safetensors, or ``torch.load(weights_only=True)``);
-    PyTorch's own text is left out because it suggests ``weights_only=False``, which would
-    unpickle, and so run, whatever the file holds."""
-    try:
-        yield
-    except Exception as err:
-        if weights is None or not Path(weights).is_file():
-            raise
-        raise CheckpointError(
-            f"pretrained={pretrained!r}: {weights} cannot be used as weights of model-name={model_name!r} "
-            f"({type(err).__name__}); expected a safetensors file or a torch state dict of tensors "
-            "(torch.save of model.state_dict()) with this model's keys and shapes. Files are only ever "
-            "read as tensors, never unpickled; re-export the checkpoint, or check model-name"
-        ) from None
+def _create(model_name: str, pretrained: str, weights: str | None, quick_gelu: bool, init_seed: int) -> nn.Module:
+    """open_clip's model with its weights; a checkpoint file is first read safely here (see
+    ``checkpoint``), and any failure to use it becomes a :class:`CheckpointError` naming
+    ``pretrained``, the file and what was expected."""
+    path = Path(weights) if weights is not None and Path(weights).is_file() else None
+    found = checkpoint.read_shapes(pretrained, path) if path is not None else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        try:
+            return open_clip.create_model(
+                model_name, pretrained=weights, force_quick_gelu=quick_gelu, require_pretrained=weights is not None
+            )
+        except Exception as err:
+            if path is None or found is None:
+                raise
+            expected = {k: tuple(v.shape) for k, v in _meta_model(model_name).state_dict().items()}
+            raise checkpoint.does_not_fit(pretrained, path, model_name, found, expected, err) from None
 
 
 class _NoWeightsWarning(logging.Filter):
-    """Drops open_clip's "No pretrained weights loaded" warning where weights come from elsewhere."""
+    """Drops open_clip's "No pretrained weights loaded" warning, from this thread only: another
+    thread's model may really be randomly initialised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
+        return record.thread != self.thread or not record.getMessage().startswith("No pretrained weights loaded")
 
 
 @contextlib.contextmanager
 def weights_loaded_elsewhere() -> Iterator[None]:
-    """For a model built empty and then filled (backbone cache, meta-device counts): open_clip
-    warns on the root logger that the model is randomly initialised, which is not so."""
+    """For a model built empty and then filled (backbone cache, meta-device shapes): open_clip
+    warns that it is randomly initialised, which is not so. open_clip logs through the root
+    logger itself (``logging.warning``), so the filter sits there, for this call only."""
     root, quiet = logging.getLogger(), _NoWeightsWarning()
     root.addFilter(quiet)
     try:
@@ -216,11 +219,15 @@ def weights_loaded_elsewhere() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
-def backbone_parameter_count(model_name: str) -> int:
-    """Parameters of the (frozen) CLIP, counted on the meta device: no memory, no weights."""
+def _meta_model(model_name: str) -> nn.Module:
+    """The model's structure on the meta device: shapes without memory or weights."""
     with weights_loaded_elsewhere():
-        model = open_clip.create_model(model_name, pretrained=None, device="meta")
-    return sum(p.numel() for p in model.parameters())
+        return open_clip.create_model(model_name, pretrained=None, device="meta")
+
+
+def backbone_parameter_count(model_name: str) -> int:
+    """Parameters of the (frozen) CLIP, counted on the meta device."""
+    return sum(p.numel() for p in _meta_model(model_name).parameters())
 
 
 def freeze(module: nn.Module) -> None:
