@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.arrays import to_record
 from common.config import ConfigError, RunConfig
-from common.errors import is_disk_full
+from common.errors import DiskFullError, is_disk_full
 from common.methods import Method, method_for
 from common.model.clip import backbone_parameter_count
 from common.model.roles import Role
@@ -94,9 +94,9 @@ def main(grid: Grid, context: Context) -> None:
     except OSError as err:
         if not is_disk_full(err):
             raise
-        where = err.filename or cfg.output_dir
-        print(f"[pfedmma] FAILED: no space left on the device to write {where}; free space there or set "
-              f"output-dir to another file system, then continue with resume-from", flush=True)
+        # A DiskFullError from the run directory names the file, output-dir and the resume-from to use.
+        detail = str(err) if isinstance(err, DiskFullError) else f"no space left on the device to write {err.filename or cfg.output_dir}"
+        print(f"[pfedmma] FAILED: {detail}", flush=True)
 
 
 def run(cfg: RunConfig, grid: Grid, context: Context) -> None:
