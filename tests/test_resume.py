@@ -16,9 +16,11 @@ def _digests(state: Path) -> dict[str, str]:
     return {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest() for p in state.rglob("*.safetensors")}
 
 
-# pfedmma in the default suite; a method with private prompt parts (fedpgp) and one whose server
-# keeps per-client state (pfedmoap's prompt bank) with `pytest -m slow`.
-@pytest.mark.parametrize("method", ["pfedmma", pytest.param("fedpgp", marks=pytest.mark.slow), pytest.param("pfedmoap", marks=pytest.mark.slow)])
+# pfedmma, a method with private prompt parts (fedpgp) and one whose server keeps per-client state
+# (pfedmoap's prompt bank), all with `pytest -m slow`: each stops and resumes a run (about 100 s),
+# more than the default suite's CI budget leaves room for.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pfedmma", "fedpgp", "pfedmoap"])
 def test_stopped_run_resumes_with_continuous_history_and_private_state(flwr_home: Path, tmp_path: Path, method: str) -> None:
     runs, state = tmp_path / "runs", tmp_path / "state"
     base = f"method='{method}' output-dir='{runs}' state-dir='{state}' eval-every=0 test-per-class=2 shots=4 local-epochs=1"
