@@ -325,6 +325,16 @@ def _deal_classes(num_classes: int, num_clients: int, k: int, seed: int) -> list
     return [sorted(order[(i * k + j) % num_classes] for j in range(k)) for i in range(num_clients)]
 
 
+def _warn_shortfalls(partition: Partition) -> Partition:
+    """Log the (client, class) pairs short of ``shots`` once. Only where each client is promised
+    ``shots`` per class (base-to-novel, pathological): under Dirichlet skew a client holding few
+    images of a class is the point; the table and partition.json give the real counts anyway."""
+    short = partition.shortfall_summary()
+    if short:
+        logger.warning("%s", short)
+    return partition
+
+
 def make_partition(
     scheme: str,
     train: ImageSource,
@@ -346,30 +356,6 @@ def make_partition(
     exactly one client. A (client, class) pair with fewer images than ``shots`` keeps all it has;
     such pairs are logged once here and listed in :attr:`Partition.shortfalls`.
     """
-    partition = _make_partition(
-        scheme, train, test, num_clients, seed,
-        shots=shots, beta=beta, classes_per_client=classes_per_client, base_classes=base_classes,
-    )
-    short = partition.shortfall_summary()
-    # Under Dirichlet skew a client holding few images of a class is the point, not a shortfall
-    # worth a warning; the table and partition.json still give the real counts.
-    if short and scheme in ("base-to-novel", "pathological"):
-        logger.warning("%s", short)
-    return partition
-
-
-def _make_partition(
-    scheme: str,
-    train: ImageSource,
-    test: ImageSource,
-    num_clients: int,
-    seed: int,
-    *,
-    shots: int | None,
-    beta: float,
-    classes_per_client: int,
-    base_classes: Sequence[int] | None,
-) -> Partition:
     if scheme not in SCHEMES:
         raise ValueError(f"partition scheme={scheme!r} is unknown; valid: {list(SCHEMES)}")
     if num_clients < 1:
@@ -394,7 +380,7 @@ def _make_partition(
                 else few_shot_indices(labels, own, shots, seed=seed * 100_003 + i)
             )
             clients.append(_client(i, labels, train_idx, indices_of_classes(test_labels, own)))
-        return Partition(scheme, seed, clients, split.base_classes, split.novel_classes, params)
+        return _warn_shortfalls(Partition(scheme, seed, clients, split.base_classes, split.novel_classes, params))
 
     if scheme == "dirichlet":
         params["beta"] = beta
@@ -430,7 +416,7 @@ def _make_partition(
             for i, part in zip(holders[c], np.array_split(pool, len(holders[c])), strict=True):
                 parts[i].extend(_cap(labels, part.tolist(), shots, sub_seed(seed, i, c)))
         clients = [_client(i, labels, s, indices_of_classes(test_labels, dealt[i])) for i, s in enumerate(parts)]
-        return Partition(scheme, seed, clients, params=params)
+        return _warn_shortfalls(Partition(scheme, seed, clients, params=params))
 
     # scheme == "domain"
     params["beta"] = beta
