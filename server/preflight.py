@@ -52,9 +52,10 @@ def _data_problems(cfg: RunConfig, num_clients: int | None) -> list[str]:
         log.info("dataset %r is not readable on the server (data-dir=%r): the clients check it", cfg.dataset, cfg.data_dir)
         return []
     try:
-        sources_for(cfg)
-        if num_clients:
+        if num_clients:  # the partition reads (and so checks) the split files first
             partition_for(cfg, num_clients)
+        else:
+            sources_for(cfg)
     except (DatasetError, ValueError) as err:
         where = f" with {num_clients} clients" if num_clients else ""
         return [f"dataset {cfg.dataset!r}, partition {cfg.partition!r}{where}: {err}"]
