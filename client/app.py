@@ -9,17 +9,21 @@ this client's private ones. What is shared or private is the method's role table
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_NORM_BIT as NORM_BIT_KEY
 from torch.utils.data import DataLoader, Dataset
 
+from client.guards import check_received, clip_for_dp
 from client.runtime import initial_private, pick_device, shard, shared_model
+from client.state_lock import exclusive, lock_path
 from client.state_store import PrivateStateStore
 from client.trainer import evaluate, train
 from common.arrays import from_record, to_record
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-PRIVATE_SOURCES = ("init", "context", "disk")
+PRIVATE_SOURCES = ("init", "context", "disk")  # "context" (context.state) is no longer used: see state_store
 # Independent random streams of one (seed, client, round): the loader's order, the method's
 # own draws (dropout), the image augmentations.
 STREAMS = {"shuffle": 0, "method": 1, "augment": 2}
@@ -66,15 +70,16 @@ class ClientJob:
         bundle = shared_model(cfg, device, node.cache_dir)
         checked = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
         namespace = namespace or cfg.experiment_name or f"run-{context.run_id}"
-        store = PrivateStateStore(
-            context.state, node.resolved_state_dir(cfg), namespace, node.partition_id, method.fingerprint()
-        )
+        store = PrivateStateStore(node.resolved_state_dir(cfg), namespace, node.partition_id, method.fingerprint())
         return cls(cfg, node, method, device, bundle, checked.data, store, len(checked.skipped_files))
 
     def load_state(self, shared: ArrayRecord) -> str:
-        """Global shared tensors from the message, private ones from the store (or the init)."""
+        """Global shared tensors from the message (refused if non-finite or implausible), private
+        ones from the store (or the init)."""
         roles, model = self.method.roles, self.bundle.model
-        roles.load(model, Role.SHARED, from_record(shared))
+        received = from_record(shared)
+        check_received(received, self.cfg.max_parameter_abs, "global shared tensor")
+        roles.load(model, Role.SHARED, received)
         private, source = self.store.load()
         roles.load(model, Role.PRIVATE, private if private is not None else initial_private(self.cfg))
         return source
@@ -111,7 +116,10 @@ def _step_inputs(msg: Message, job: ClientJob, server_round: int) -> StepInputs:
             f"{SHARED_RECORD!r}; the message also has {unexpected}"
         )
     generator = torch.Generator().manual_seed(job.seed(server_round, STREAMS["method"]))
-    return StepInputs({name: from_record(record) for name, record in extras.items()}, generator)
+    tensors = {name: from_record(record) for name, record in extras.items()}
+    for name, record in tensors.items():
+        check_received(record, job.cfg.max_parameter_abs, f"{name!r} tensor")
+    return StepInputs(tensors, generator)
 
 
 def _other_classes(eval_set: EvalSet, own: Iterable[int]) -> torch.Tensor:
@@ -141,6 +149,19 @@ def permanent_errors_replied(handler: Callable[[Message, Context], Message]) -> 
     return wrapped
 
 
+@contextlib.contextmanager
+def _one_writer(job: ClientJob, msg: Message, context: Context, final: bool) -> Iterator[None]:
+    """This message's hold on the client's private-state namespace (none for a method with
+    nothing private): a second run using the same namespace is refused (client.state_lock)."""
+    if not initial_private(job.cfg):
+        yield
+        return
+    owners = frozenset(int(r) for r in str(_config(msg).get("state-owners", "")).split(",") if r.strip().isdigit())
+    path = lock_path(job.store.path.parent.parent, job.store.path.parent.name, job.node.partition_id)
+    with exclusive(path, context.run_id, owners, 2 * job.cfg.round_timeout, release=final):
+        yield
+
+
 def _config(msg: Message) -> dict:
     config = msg.content.config_records.get("config")
     return dict(config) if config else {}
@@ -156,6 +177,11 @@ def train_handler(msg: Message, context: Context) -> Message:
     job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
     if not job.method.trains:
         raise ValueError(f"method {job.method.name!r} trains nothing; the server should not ask it to")
+    with _one_writer(job, msg, context, final=False):
+        return _train(job, msg)
+
+
+def _train(job: ClientJob, msg: Message) -> Message:
     source = job.load_state(_shared_arrays(msg))
     server_round = _round(msg)
     log.info("client %d round %d: private state from %s", job.node.partition_id, server_round, source)
@@ -165,11 +191,13 @@ def train_handler(msg: Message, context: Context) -> Message:
     loader = job.loader(augmented, shuffle=True, server_round=server_round)
     classifier = job.classifier(job.data.class_names, _step_inputs(msg, job, server_round))
     result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
-    job.store.save(roles.state(model, Role.PRIVATE))
+    job.store.save(roles.state(model, Role.PRIVATE))  # only if finite; else DivergedError, nothing sent
+    shared, norm_bit = clip_for_dp(roles.state(model, Role.SHARED), from_record(_shared_arrays(msg)), _config(msg), job.cfg.dp)
+    check_received(shared, float("inf"), "trained shared tensor")  # a NaN is never sent
     # The reply is built from the shared role alone: private tensors never enter a Message.
     content = RecordDict(
         {
-            SHARED_RECORD: to_record(roles.state(model, Role.SHARED)),
+            SHARED_RECORD: to_record(shared),
             "metrics": MetricRecord(
                 {
                     "num-examples": result.num_examples,
@@ -181,6 +209,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     # lets the server see a restarted node resume rather than re-initialise.
                     "private-source": PRIVATE_SOURCES.index(source),
                     "skipped-images": job.skipped_images,
+                    **({NORM_BIT_KEY: int(norm_bit)} if norm_bit is not None else {}),
                 }
             ),
         }
@@ -193,6 +222,11 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Local accuracy every time; Base/Novel when the server asks for the full protocol."""
     job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
+    with _one_writer(job, msg, context, final=_round(msg) >= job.cfg.num_server_rounds):
+        return _evaluate(job, msg)
+
+
+def _evaluate(job: ClientJob, msg: Message) -> Message:
     job.load_state(_shared_arrays(msg))
     server_round = _round(msg)
     inputs = _step_inputs(msg, job, server_round)

@@ -1,9 +1,14 @@
-"""A client's private tensors: kept in ``context.state`` and on the node's disk.
+"""A client's private tensors, kept only in a file on the node's disk.
 
-Order of restoration: ``context.state`` (same run, same SuperNode process) -> the node's
-state file (restarted node, resumed experiment) -> the common initialisation. Files are
-written atomically (temporary file, fsync, rename), so a crash mid-write leaves the
-previous file intact, never a truncated one.
+Not in ``context.state``: Flower ships a node's context between the SuperNode and every
+ClientApp process over its runtime API (plain HTTP between containers in compose.yaml), so
+private tensors there would travel. Order of restoration: the node's state file (a later
+round, a restarted node, a resumed experiment) -> the common initialisation.
+
+Files are written atomically (temporary file, fsync, rename), so a crash mid-write leaves the
+previous file intact, never a truncated one, and only finite tensors are ever written: a round
+that diverged leaves the last good state in place. One run at a time may use a namespace:
+see :mod:`client.state_lock`.
 """
 
 from __future__ import annotations
@@ -16,47 +21,33 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from common.arrays import from_record, to_record
 from common.errors import PermanentError, disk_full, is_disk_full
 
 log = logging.getLogger(__name__)
-
-STATE_KEY = "pfedmma.private-state"
-
-
-def state_key(namespace: str) -> str:
-    """The ``context.state`` key of one namespace's private tensors.
-
-    Flower's simulation can hand a node's ``context.state`` to a later run; keying by the
-    namespace keeps a new experiment from picking up another's tensors.
-    """
-    return f"{STATE_KEY}.{namespace}"
 
 
 class PrivateStateError(PermanentError, RuntimeError):
     """A stored private state exists but does not belong to this method and model."""
 
 
-class PrivateStateStore:
-    """Private tensors of one client (``partition_id``) in one experiment namespace."""
+class DivergedError(RuntimeError):
+    """Training produced a NaN or Inf: nothing is saved or sent; the last good state stays."""
 
-    def __init__(self, state: RecordDict, directory: Path, namespace: str, partition_id: int, fingerprint: Mapping[str, str]):
-        self.state = state
-        self.key = state_key(namespace)
+
+class PrivateStateStore:
+    """Private tensors of one client (``partition_id``) in one experiment namespace. The
+    fingerprint (method, model, seed and the method's shape-defining keys) must match the
+    stored one for a file to be loaded."""
+
+    def __init__(self, directory: Path, namespace: str, partition_id: int, fingerprint: Mapping[str, str]):
         self.path = directory / namespace / f"client-{partition_id}.safetensors"
         self.fingerprint = dict(fingerprint)
 
     def load(self) -> tuple[dict[str, torch.Tensor] | None, str]:
-        """The stored private tensors and where they came from ("context", "disk"), or (None, "init")."""
-        if self.key in self.state.array_records:
-            # The same namespace may have been used by another method or model in this process.
-            stored = dict(self.state.config_records.get(self._fingerprint_key, ConfigRecord()))
-            self._check(stored, f"context.state[{self.key!r}]")
-            return from_record(self.state.array_records[self.key]), "context"
+        """The stored private tensors and where they came from ("disk"), or (None, "init")."""
         if self.path.exists():
             return self._read_file(), "disk"
         return None, "init"
@@ -64,13 +55,11 @@ class PrivateStateStore:
     def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if not tensors:  # a method with nothing private (promptfl, fedavg-mma) keeps nothing
             return
-        self.state.array_records[self.key] = to_record(tensors)
-        self.state.config_records[self._fingerprint_key] = ConfigRecord(dict(self.fingerprint))
+        bad = sorted(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
+        if bad:
+            kept = f"the last good state in {self.path} is kept" if self.path.exists() else "nothing is saved"
+            raise DivergedError(f"training produced NaN or Inf in private tensor(s) {bad}; {kept}, and no update is sent")
         self._write_file(tensors)
-
-    @property
-    def _fingerprint_key(self) -> str:
-        return f"{self.key}.fingerprint"
 
     def _check(self, stored: Mapping[str, object], where: str) -> None:
         if stored != self.fingerprint:

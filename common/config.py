@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from common.errors import PermanentError
 
 PositiveInt = Field(gt=0)
+DP_CLIENT_SIDE = ("client-fixed", "client-adaptive")  # dp modes in which each client clips its own update
 
 
 def _kebab(name: str) -> str:
@@ -98,6 +99,23 @@ class RunConfig(BaseModel):
     # Which split Local/Base/Novel are measured on: "val" for choosing hyper-parameters
     # (scripts/tune_lr.py), "test" for reporting; never tune on "test".
     eval_split: Literal["test", "val"] = "test"
+    # robustness: bounds on what a client reports, and how replies are combined
+    max_examples: int = Field(0, ge=0)  # cap on a reply's num-examples; 0 = the partition's largest shard
+    update_norm_bound: float = Field(10.0, ge=0.0)  # ||reply - global|| <= bound * ||global||; 0 = off
+    update_norm_action: Literal["reject", "clip"] = "reject"  # what happens to a reply over the bound
+    max_parameter_abs: float = Field(1000.0, gt=0.0)  # |value| above this in a global or reply tensor is refused
+    aggregation: Literal["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"] = "fedavg"
+    trimmed_beta: float = Field(0.2, ge=0.0, lt=0.5)  # fedtrimmedavg: fraction cut at each end
+    num_malicious_nodes: int = Field(0, ge=0)  # krum, multikrum, bulyan: f, the clients assumed Byzantine
+    multikrum_select: int = Field(2, ge=1)  # multikrum: m, the replies averaged
+    # differential privacy of the shared tensors (Flower's DP wrappers; private adapters never leave)
+    dp: Literal["off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive"] = "off"
+    dp_noise_multiplier: float = Field(1.0, gt=0.0)
+    dp_clipping_norm: float = Field(0.1, gt=0.0)  # fixed: the clip; adaptive: the initial clip
+    dp_target_delta: float = Field(1e-5, gt=0.0, lt=1.0)  # delta at which spent epsilon is reported (fixed)
+    dp_max_epsilon: float = Field(0.0, ge=0.0)  # stop before a round would exceed it; 0 = no limit
+    dp_target_quantile: float = Field(0.5, ge=0.0, le=1.0)  # adaptive: fraction of updates left unclipped
+    dp_clip_norm_lr: float = Field(0.2, gt=0.0)  # adaptive: the clip's geometric learning rate
     # outputs and private state
     output_dir: str = "~/pfedmma-runs"  # the ServerApp resolves it on its own machine
     experiment_name: str = ""  # names the private-state namespace; "" = this run's id
@@ -137,6 +155,11 @@ class RunConfig(BaseModel):
         from common.data.registry import resolve_domains
 
         resolve_domains(self.dataset, self.domains)  # raises naming dataset-domains and the valid values
+        if self.dp != "off" and self.aggregation != "fedavg":
+            raise ValueError(
+                f"dp={self.dp!r} needs aggregation='fedavg', got aggregation={self.aggregation!r}: the "
+                "noise is calibrated for a mean of clipped updates, not a median or a Krum selection"
+            )
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(
                 f"min-train-nodes={self.min_train_nodes} exceeds "

@@ -13,16 +13,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.arrays import to_record
 from common.config import ConfigError, RunConfig
+from common.data.federated import partition_for
 from common.errors import DiskFullError, is_disk_full
 from common.methods import Method, method_for
 from common.model.clip import backbone_parameter_count
 from common.model.roles import Role
+from server.aggregation import PrivacyBudgetSpent
 from server.partition_record import PartitionRecorder
-from server.preflight import preflight
+from server.preflight import data_on_server, preflight
 from server.progress import RoundReporter, RunFailed
 from server.run_dir import ResumeError, RunDirectory
 from server.strategies import STRATEGIES
-from server.validation import specs_of
+from server.validation import DEFAULT_MAX_EXAMPLES, specs_of
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,26 @@ def _open_run(cfg: RunConfig, method: Method, run_id: int, initial: ArrayRecord,
         raise ResumeError(f"{run_dir.global_path(done)} does not match this model's shared tensors")
     print(f"[pfedmma] resuming {run_dir.path} after round {done}", flush=True)
     return run_dir, restored, done
+
+
+def earlier_runs(run_dir: RunDirectory, run_id: int) -> str:
+    """The runs this one continues ("12,34"): clients let a resumed run take over their lock."""
+    info = run_dir.run_info()
+    runs = [info["run-id"], *(r["run-id"] for r in info.get("resumed-by", []))]
+    return ",".join(str(r) for r in runs if r != run_id)
+
+
+def examples_cap(cfg: RunConfig, num_nodes: int) -> tuple[int, str]:
+    """The largest num-examples a training reply may report when max-examples is 0: the largest
+    training shard of the partition, which every client derives from the seed and the server can
+    too when it reads the data; else a fixed bound."""
+    if data_on_server(cfg):
+        try:
+            partition = partition_for(cfg, num_nodes)
+            return max(len(c.train_indices) for c in partition.clients), f"the largest shard of {num_nodes} clients"
+        except (OSError, ValueError) as err:
+            log.warning("num-examples cap: the partition is not readable on the server (%s)", err)
+    return DEFAULT_MAX_EXAMPLES, "the server cannot read the partition; set max-examples to bound it"
 
 
 def method_record(cfg: RunConfig, method: Method, initial: dict[Role, dict[str, Any]]) -> dict[str, Any]:
@@ -116,12 +138,13 @@ def run(cfg: RunConfig, grid: Grid, context: Context) -> None:
         eval_every=cfg.eval_every,
         round_offset=done,
         # Clients keep private tensors under this name, so a resumed run finds them again.
-        client_config={"state-namespace": run_dir.run_info()["state-namespace"]},
+        client_config={"state-namespace": run_dir.run_info()["state-namespace"], "state-owners": earlier_runs(run_dir, context.run_id)},
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
         min_evaluate_nodes=cfg.min_evaluate_nodes,
         min_available_nodes=cfg.min_available_nodes,
+        examples_cap=None if cfg.max_examples else (lambda n: examples_cap(cfg, n)),
     )
     if done:
         strategy.load_server_state(*run_dir.load_server_state(done))
@@ -133,6 +156,9 @@ def run(cfg: RunConfig, grid: Grid, context: Context) -> None:
     print(f"[pfedmma] run {context.run_id}: method {method.name} ({method.summary}); rounds {done + 1}..{num_rounds}, "
           f"{cfg.model_name}; per client {params['trainable-per-client']:,} trainable = {params['shared']:,} shared "
           f"+ {params['private']:,} private ({params['frozen']:,} frozen); writing {run_dir.path}", flush=True)
+    robust = f"aggregation {cfg.aggregation}" + (f", DP {cfg.dp} (noise multiplier {cfg.dp_noise_multiplier:g})" if cfg.dp != "off" else "")
+    bound = f"update norm <= {cfg.update_norm_bound:g}x the global's ({cfg.update_norm_action})" if cfg.update_norm_bound else "no update-norm bound"
+    print(f"[pfedmma] {robust}; {bound}; num-examples cap {cfg.max_examples or 'from the partition'}", flush=True)
     if not method.trains and cfg.num_server_rounds != 1:
         print(f"[pfedmma] {method.name} trains nothing: one evaluation round instead of {cfg.num_server_rounds}", flush=True)
     reporter = RoundReporter(strategy, run_dir, num_rounds, cfg.model_selection, run_dir.completed_rounds(), record)
@@ -154,5 +180,8 @@ def run(cfg: RunConfig, grid: Grid, context: Context) -> None:
         # Not re-raised: Flower would print its traceback twice after our summary lines. The
         # final line and summary.json say "failed".
         reporter.finish(failed)
+        return
+    except PrivacyBudgetSpent as spent:  # raised before a round's instructions are sent
+        reporter.finish(RunFailed(reporter.history[-1]["round"] if reporter.history else done, str(spent), {}))
         return
     reporter.finish()

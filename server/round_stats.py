@@ -41,9 +41,9 @@ class RoundStats:
     num_partitions: set[int] = field(default_factory=set)  # as reported by the clients
     private_sources: dict[int, str] = field(default_factory=dict)  # partition id -> init/context/disk
     valid: int = 0
-    # "<node id>" -> reason. Errors the SuperLink writes itself (e.g. "Node Unavailable") come
-    # from the SuperLink's id, not the failed node's, so repeated ids get a "#n" suffix rather
-    # than overwriting each other.
+    # "<node id>" -> reason, keyed by the node the reply is about: for an error the SuperLink
+    # writes itself (e.g. "Node Unavailable"), the node the instruction went to. Repeated ids
+    # get a "#n" suffix rather than overwriting each other.
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_received: int = 0
     floats_down: dict[int, int] = field(default_factory=dict)  # node id -> tensor values sent to it
@@ -58,6 +58,8 @@ class RoundStats:
     excluded: dict[int, str] = field(default_factory=dict)
     # Errors a client reported as permanent (it would repeat them every round): "client 3" -> reason.
     permanent: dict[str, str] = field(default_factory=dict)
+    update_norms: dict[str, float] = field(default_factory=dict)  # "node N (client P)" -> ||reply - global||
+    clipped: dict[str, float] = field(default_factory=dict)  # updates over the bound, clipped: -> norm before
 
     @property
     def counted(self) -> dict[int, dict[str, float]]:

@@ -1,16 +1,32 @@
-"""Checks a client's training reply before its tensors may be averaged.
+"""Checks a client's reply before anything in it reaches the global state or the metrics.
 
-A reply is accepted only if its arrays are exactly the shared key set, with the global
-shapes and dtypes, all finite, and it reports a positive ``num-examples``.
+Everything a client sends is untrusted. A training reply is accepted only if its arrays are
+exactly the shared key set, with the global shapes and dtypes, finite and within
+``max-parameter-abs``; its ``num-examples`` is an integer between 1 and the cap; every
+number it reports is finite and every accuracy in [0, 1]; and its update (reply minus the
+global state it was sent) is within the norm bound, or is clipped to it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+
+DEFAULT_MAX_EXAMPLES = 1_000_000  # the cap when the server cannot read the partition
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What a client's reply may claim: see the module docstring and docs/robustness.md."""
+
+    max_examples: int = DEFAULT_MAX_EXAMPLES
+    max_abs: float = 1000.0  # largest |value| accepted in a tensor
+    update_norm_bound: float = 0.0  # relative to the global state's norm; 0 = no bound
+    update_norm_action: str = "reject"  # or "clip"
 
 
 @dataclass(frozen=True)
@@ -23,8 +39,37 @@ def specs_of(arrays: Mapping[str, Array]) -> dict[str, TensorSpec]:
     return {name: TensorSpec(tuple(a.shape), a.dtype) for name, a in arrays.items()}
 
 
-def reply_problem(msg: Message, expected: Mapping[str, TensorSpec], weight_key: str = "num-examples") -> str | None:
-    """Why ``msg`` must not be aggregated, or None when it is valid."""
+def metrics_problem(metrics: MetricRecord) -> str | None:
+    """A reported number that is not finite, or an accuracy outside [0, 1]."""
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v):
+                return f"{key}={v!r}; expected a finite number"
+            if key.endswith("-accuracy") and not 0.0 <= v <= 1.0:
+                return f"{key}={v!r}; expected an accuracy in [0, 1]"
+    return None
+
+
+def count_problem(value: object, key: str, cap: int) -> str | None:
+    """Why a reported example count is unusable: it must be an integer in [1, cap]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{key}={value!r}; expected an integer number of examples"
+    if not math.isfinite(value) or value != int(value):
+        return f"{key}={value!r}; expected an integer number of examples"
+    if not 1 <= value <= cap:
+        return f"{key}={value!r}; expected 1 to {cap} (max-examples)"
+    return None
+
+
+def reply_problem(
+    msg: Message, expected: Mapping[str, TensorSpec], weight_key: str = "num-examples", limits: ReplyLimits | None = None
+) -> str | None:
+    """Why ``msg`` must not be aggregated, or None when it is valid (the update norm is checked
+    separately, against the global state: :func:`update_norm`)."""
+    limits = limits or ReplyLimits()
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
     content = msg.content
@@ -34,9 +79,15 @@ def reply_problem(msg: Message, expected: Mapping[str, TensorSpec], weight_key: 
         return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
     arrays = next(iter(content.array_records.values()))
     metrics = next(iter(content.metric_records.values()))
-    weight = metrics.get(weight_key)
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
-        return f"{weight_key}={weight!r}; expected a positive number"
+    problem = count_problem(metrics.get(weight_key), weight_key, limits.max_examples) or metrics_problem(metrics)
+    if problem:
+        return problem
+    return state_problem(arrays, expected, limits.max_abs)
+
+
+def state_problem(arrays: ArrayRecord, expected: Mapping[str, TensorSpec], max_abs: float) -> str | None:
+    """Why a set of shared tensors is unusable: other keys, shapes or dtypes than ``expected``,
+    a NaN or Inf, or a value above ``max_abs`` in size."""
     extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
     if extra:
         return f"unexpected keys (not shared tensors): {extra}"
@@ -48,9 +99,33 @@ def reply_problem(msg: Message, expected: Mapping[str, TensorSpec], weight_key: 
             return f"{name}: shape {tuple(array.shape)}, expected {spec.shape}"
         if array.dtype != spec.dtype:
             return f"{name}: dtype {array.dtype}, expected {spec.dtype}"
-        if not np.isfinite(array.numpy()).all():
+        values = array.numpy()
+        if not np.isfinite(values).all():
             return f"{name}: contains NaN or Inf"
+        if values.size and float(np.abs(values).max()) > max_abs:
+            return f"{name}: |value| up to {float(np.abs(values).max()):.3g}, above max-parameter-abs={max_abs:g}"
     return None
+
+
+def state_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of all tensors of a state, flattened together (float64: float32 overflows on
+    squares of large values)."""
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values()))
+
+
+def update_norm(reply: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """||reply - reference||_2 over the whole shared state."""
+    return state_norm({k: reply[k].astype(np.float64) - reference[k].astype(np.float64) for k in reference})
+
+
+def clip_update(reply: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+    """``reply`` moved back towards ``reference`` so that its update's norm is at most ``bound``."""
+    norm = update_norm(reply, reference)
+    scale = 1.0 if norm <= bound else bound / norm
+    return {
+        k: (reference[k].astype(np.float64) + scale * (reply[k].astype(np.float64) - reference[k].astype(np.float64))).astype(reply[k].dtype)
+        for k in reference
+    }
 
 
 def reply_bytes(msg: Message) -> int:

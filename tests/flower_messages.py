@@ -46,3 +46,18 @@ def context(run_config: Mapping[str, Any], partition_id: int, num_partitions: in
 def wire_bytes(msg: Message) -> bytes:
     """Everything a message puts on the wire: each nested object as Flower serialises it."""
     return b"".join(obj.deflate() for obj in get_all_nested_objects(msg).values())
+
+
+def private_on_disk(run_config: Mapping[str, Any], partition_id: int) -> dict[str, torch.Tensor]:
+    """What the ClientApp stored as ``partition_id``'s private tensors (the only place it keeps them)."""
+    from pathlib import Path
+
+    from client.state_store import PrivateStateStore
+    from common.config import RunConfig
+    from common.methods import method_for
+
+    cfg = RunConfig.from_flower(run_config)
+    store = PrivateStateStore(Path(cfg.state_dir), cfg.experiment_name or f"run-{RUN_ID}", partition_id, method_for(cfg).fingerprint())
+    tensors, source = store.load()
+    assert tensors is not None and source == "disk", f"client {partition_id} has no private state on disk"
+    return tensors

@@ -119,7 +119,7 @@ def test_the_warning_is_only_dropped_for_the_calling_thread(caplog: pytest.LogCa
 
 
 def _store(tmp_path: Path, client: int = 0) -> PrivateStateStore:
-    return PrivateStateStore(RecordDict(), tmp_path / "state", "exp", client, FINGERPRINT)
+    return PrivateStateStore(tmp_path / "state", "exp", client, FINGERPRINT)
 
 
 def test_a_truncated_private_state_names_the_file_and_how_to_start_over(tmp_path: Path) -> None:
@@ -136,7 +136,7 @@ def test_a_truncated_private_state_names_the_file_and_how_to_start_over(tmp_path
 def test_reset_removes_exactly_the_named_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for client in (0, 1):
         _store(tmp_path, client).save({"a": torch.ones(2)})
-    other = PrivateStateStore(RecordDict(), tmp_path / "state", "other", 0, FINGERPRINT)
+    other = PrivateStateStore(tmp_path / "state", "other", 0, FINGERPRINT)
     other.save({"a": torch.ones(2)})
     state = str(tmp_path / "state")
     assert reset_state.main(["--state-dir", state, "--experiment", "exp", "--client", "1"]) == 0

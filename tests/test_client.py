@@ -11,13 +11,13 @@ from flwr.app import RecordDict
 
 from client.app import ClientJob, app
 from client.runtime import pick_device, shared_model
-from client.state_store import PrivateStateError, PrivateStateStore, state_key
+from client.state_store import DivergedError, PrivateStateError, PrivateStateStore
 from common.arrays import from_record
 from common.config import RunConfig
 from common.methods import method_for
 from common.methods.pfedmma import PFedMMA
 from common.model.roles import Role
-from tests.flower_messages import RUN_ID, context, instruction, wire_bytes
+from tests.flower_messages import context, instruction, private_on_disk, wire_bytes
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_train_reply_carries_only_shared_tensors(run_config, tiny_cfg, initial) 
     for server_round in (1, 2):
         replies = []
         for pid in (0, 1):
-            reply, ctx = _train(run_config, shared, server_round, pid)
+            reply, _ = _train(run_config, shared, server_round, pid)
             replies.append(from_record(reply.content.array_records["arrays"]))
             assert list(reply.content.array_records) == ["arrays"]
             assert set(reply.content["arrays"]) == set(shared)
@@ -45,7 +45,7 @@ def test_train_reply_carries_only_shared_tensors(run_config, tiny_cfg, initial) 
             assert not reply.content.config_records
             # No private tensor's values appear anywhere in what the reply puts on the wire.
             blob = wire_bytes(reply)
-            private = from_record(ctx.state.array_records[state_key(f'run-{RUN_ID}')])
+            private = private_on_disk(run_config, pid)
             assert set(private) == set(initial[Role.PRIVATE])
             for name, tensor in private.items():
                 rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
@@ -75,21 +75,18 @@ def test_training_changes_only_adapter_tensors(run_config, tiny_cfg, initial) ->
 
 def test_private_state_survives_rounds_restart_and_starts_from_init(run_config, tiny_cfg, initial) -> None:
     state = RecordDict()
-    _train(run_config, initial[Role.SHARED], 1, partition_id=0, state=state)
-    stored = from_record(state.array_records[state_key(f'run-{RUN_ID}')])
+    _, ctx = _train(run_config, initial[Role.SHARED], 1, partition_id=0, state=state)
+    stored = private_on_disk(run_config, 0)
     assert any(not torch.equal(stored[k], initial[Role.PRIVATE][k]) for k in stored)
+    # Kept on disk only: nothing private rides in the context the ClientApp hands back to its SuperNode.
+    assert not ctx.state.array_records and not ctx.state.config_records
 
     # Another client trains in between on the same cached model...
     _train(run_config, initial[Role.SHARED], 1, partition_id=1)
 
-    # ...and client 0's next round still starts from its own adapters, via context.state.
-    job = ClientJob.from_context(context(run_config, 0, state=state))
+    # ...and client 0's next round (same process, or a restarted node) starts from its own adapters.
     from common.arrays import to_record
 
-    assert job.load_state(to_record(initial[Role.SHARED])) == "context"
-    assert all(torch.equal(v, stored[k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
-
-    # A restarted node has an empty context.state: the adapters come back from disk.
     job = ClientJob.from_context(context(run_config, 0, state=RecordDict()))
     assert job.load_state(to_record(initial[Role.SHARED])) == "disk"
     assert all(torch.equal(v, stored[k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
@@ -111,7 +108,7 @@ def test_evaluate_reply_has_metrics_only(run_config, initial) -> None:
 
 
 def _store(tmp_path: Path, fingerprint: dict[str, str] | None = None) -> PrivateStateStore:
-    return PrivateStateStore(RecordDict(), tmp_path, "exp", 0, fingerprint or {"model-name": "m"})
+    return PrivateStateStore(tmp_path, "exp", 0, fingerprint or {"model-name": "m"})
 
 
 def test_state_file_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,11 +137,19 @@ def test_state_file_of_another_model_is_refused(tmp_path: Path) -> None:
         _store(tmp_path, {"model-name": "b"}).load()
 
 
-def test_context_state_of_another_namespace_is_not_used(run_config, initial) -> None:
-    # A node's context.state may outlive a run; another experiment must not pick it up.
-    state = RecordDict()
-    _train(run_config, initial[Role.SHARED], 1, partition_id=0, state=state)
+def test_another_namespace_starts_from_init(run_config, initial) -> None:
+    _train(run_config, initial[Role.SHARED], 1, partition_id=0)
     from common.arrays import to_record
 
-    job = ClientJob.from_context(context(run_config, 0, state=state), namespace="another-experiment")
+    job = ClientJob.from_context(context(run_config, 0), namespace="another-experiment")
     assert job.load_state(to_record(initial[Role.SHARED])) == "init"
+
+
+def test_a_non_finite_private_state_is_never_saved(tmp_path: Path) -> None:
+    good = {"w": torch.ones(3)}
+    _store(tmp_path).save(good)
+    for bad in (torch.tensor([1.0, float("nan"), 0.0]), torch.tensor([float("inf"), 0.0, 0.0])):
+        with pytest.raises(DivergedError, match="last good state"):
+            _store(tmp_path).save({"w": bad})
+        loaded, _ = _store(tmp_path).load()
+        assert torch.equal(loaded["w"], good["w"])  # the last good state stays on disk

@@ -13,7 +13,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 
 from client.app import app
 from client.runtime import pick_device, shared_model
-from client.state_store import state_key
 from common.arrays import from_record
 from common.config import RunConfig
 from common.methods import method_for
@@ -22,7 +21,7 @@ from common.model.roles import Role
 from server.strategies.pfedmoap import PFedMoAPStrategy, select_experts
 from server.validation import TensorSpec
 from tests.conftest import Nodes
-from tests.flower_messages import RUN_ID, context, instruction, wire_bytes
+from tests.flower_messages import context, instruction, private_on_disk, wire_bytes
 from tests.leaks import leaked_rows
 
 KEY = "moap.prompt.ctx"
@@ -127,7 +126,7 @@ def test_gate_is_private_and_learns_only_once_there_are_experts(run_config: dict
 
     first = app(instruction(initial[Role.SHARED], "train", 1, ctx.node_id), ctx)  # no experts yet
     assert not first.has_error(), first.error
-    stored = from_record(ctx.state.array_records[state_key(f"run-{RUN_ID}")])
+    stored = private_on_disk(config, 0)
     assert set(stored) == set(initial[Role.PRIVATE]) and all(k.startswith("moap.gate.") for k in stored)
     assert all(torch.equal(stored[k], initial[Role.PRIVATE][k]) for k in stored)  # unused gate: unchanged
 
@@ -135,7 +134,7 @@ def test_gate_is_private_and_learns_only_once_there_are_experts(run_config: dict
     msg.content["experts"] = ArrayRecord({"client-1": initial[Role.SHARED][KEY] + 0.1, "client-2": initial[Role.SHARED][KEY] - 0.1})
     second = app(msg, ctx)
     assert not second.has_error(), second.error
-    gate = from_record(ctx.state.array_records[state_key(f"run-{RUN_ID}")])
+    gate = private_on_disk(config, 0)
     assert all(not torch.equal(gate[k], stored[k]) for k in gate)  # every gate tensor learnt
     assert set(second.content["arrays"]) == {KEY}
     assert leaked_rows(wire_bytes(second), gate) == []

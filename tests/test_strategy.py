@@ -209,14 +209,19 @@ def test_reported_identifiers_are_read_only_when_integral_and_bounded(strategy: 
     content = RecordDict({"metrics": MetricRecord({"local-accuracy": 0.5, "num-examples": 3, "partition-id": bad, "num-partitions": bad})})
     strategy.trained.add(7)  # as if node 7's training had been accepted
     metrics = strategy.aggregate_evaluate(1, [Message(content=content, metadata=_metadata(7))])
-    assert metrics is not None and strategy.stats(1).evaluation == {7: {"local": 0.5}}  # keyed by node id
+    finite = bool(np.isfinite(bad))
+    if finite:  # a finite but impossible id is not believed; the evaluation itself stands
+        assert metrics is not None and strategy.stats(1).evaluation == {7: {"local": 0.5}}  # keyed by node id
+    else:  # a reply reporting a non-finite number is dropped whole
+        assert metrics is None and "expected a finite number" in strategy.stats(1).rejected["7"]
     assert strategy.partition_of == {} and strategy.stats(1).num_partitions == set()
     rng = np.random.default_rng(3)
     reply = _reply(8, _arrays(rng), 4)
     reply.content["metrics"]["partition-id"] = bad
     reply.content["metrics"]["private-source"] = bad
     arrays, _ = strategy.aggregate_train(2, [reply])
-    assert arrays is not None and strategy.partition_of == {} and strategy.stats(2).private_sources == {}
+    assert (arrays is not None) == finite
+    assert strategy.partition_of == {} and strategy.stats(2).private_sources == {}
 
 
 def test_the_average_is_bit_identical_whatever_order_replies_arrive_in(strategy: SharedFedAvg) -> None:

@@ -58,8 +58,8 @@ class PFedMoAPStrategy(SharedFedAvg):
     @classmethod
     def from_config(cls, cfg: RunConfig, *args, **kwargs) -> PFedMoAPStrategy:
         return cls(
-            *args, experts=cfg.pfedmoap_experts, selection=cfg.pfedmoap_selection, seed=cfg.seed,
-            query_timeout=cfg.round_timeout, **kwargs,
+            *args, experts=cfg.pfedmoap_experts, selection=cfg.pfedmoap_selection,
+            query_timeout=cfg.round_timeout, **{**cls.config_kwargs(cfg), **kwargs},
         )
 
     def identify(self, grid: Grid) -> None:
@@ -112,6 +112,7 @@ class PFedMoAPStrategy(SharedFedAvg):
     def round_record(self, server_round: int) -> dict[str, object]:
         """Which experts each client was sent this round, for metrics.jsonl."""
         return {
+            **super().round_record(server_round),
             "experts": {
                 phase: {str(c): e for c, e in sorted(self.sent_experts.get((server_round, training), {}).items())}
                 for phase, training in (("train", True), ("evaluate", False))

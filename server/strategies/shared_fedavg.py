@@ -6,13 +6,14 @@ fedpgp; local, whose shared set is empty) and subclassed by the others.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -21,8 +22,19 @@ from common.config import RunConfig
 from common.errors import PERMANENT_ERROR_CODE
 from common.metrics import summarize
 from common.seeds import sub_seed
+from server.aggregation import CLIPPING_NORM_KEY, NORM_BIT_KEY, Combiner
 from server.round_stats import PRIVATE_SOURCES, RoundStats, identifier, scalar
-from server.validation import TensorSpec, reply_bytes, reply_problem
+from server.validation import (
+    ReplyLimits,
+    TensorSpec,
+    clip_update,
+    metrics_problem,
+    reply_bytes,
+    reply_problem,
+    state_norm,
+    state_problem,
+    update_norm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +44,21 @@ PER_CLIENT_KEYS = ("partition-id", "num-partitions", "private-source", "skipped-
 
 
 def _mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean of every reported metric except identifiers."""
+    """Example-weighted mean of every reported metric except identifiers (the records are
+    validated replies: finite numbers, counts within the cap)."""
     weights = [scalar(next(iter(r.metric_records.values())), weight_key) or 0.0 for r in records]
     total = sum(weights)
     sums: dict[str, float] = {}
     for record, w in zip(records, weights, strict=True):
         for key, value in next(iter(record.metric_records.values())).items():
-            if key in PER_CLIENT_KEYS or key == weight_key or not isinstance(value, (int, float)):
+            if key in PER_CLIENT_KEYS or key == weight_key or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             sums[key] = sums.get(key, 0.0) + float(value) * w / total
     return MetricRecord({**sums, weight_key: int(total)})
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in arrays.items()}
 
 
 class SharedFedAvg(FedAvg):
@@ -69,6 +86,9 @@ class SharedFedAvg(FedAvg):
         round_offset: int = 0,
         client_config: Mapping[str, str | int | float | bool] | None = None,
         seed: int = 0,
+        limits: ReplyLimits | None = None,
+        combiner: Combiner | None = None,
+        examples_cap: Callable[[int], tuple[int, str]] | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _mean_metrics)
@@ -83,11 +103,36 @@ class SharedFedAvg(FedAvg):
         self.rounds: dict[int, RoundStats] = {}
         self.partition_of: dict[int, int] = {}  # node id -> the partition id it reported
         self.trained: set[int] = set()  # partition ids with an accepted training reply in this run
+        self.limits = limits or ReplyLimits()
+        self.combiner = combiner or Combiner(RunConfig.model_validate({}))
+        # num-examples cap from the number of connected nodes (max-examples = 0): set at round 1.
+        self.examples_cap = examples_cap
+        self.global_arrays: dict[str, np.ndarray] = {}  # what this round's clients were sent
+        self.outbox: list[Message] = []  # this round's instructions: Flower gives them ids as it sends them
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *args, **kwargs) -> SharedFedAvg:
         """Build from the run config; subclasses read their own keys here."""
-        return cls(*args, **{"seed": cfg.seed, **kwargs})
+        return cls(*args, **{**cls.config_kwargs(cfg), **kwargs})
+
+    @staticmethod
+    def config_kwargs(cfg: RunConfig) -> dict[str, object]:
+        limits = ReplyLimits(
+            max_examples=cfg.max_examples or ReplyLimits.max_examples, max_abs=cfg.max_parameter_abs,
+            update_norm_bound=cfg.update_norm_bound, update_norm_action=cfg.update_norm_action,
+        )
+        return {"seed": cfg.seed, "limits": limits, "combiner": Combiner(cfg)}
+
+    def sender(self, msg: Message) -> int:
+        """The node a reply is about. An error the SuperLink writes itself (a node it declared
+        dead) comes from the SuperLink's id; the instruction it answers names the lost node."""
+        for sent in self.outbox:
+            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return msg.metadata.src_node_id
+
+    def who(self, node: int) -> str:
+        return f"node {node} (client {self.partition_of[node]})" if node in self.partition_of else f"node {node}"
 
     def real_round(self, loop_round: int) -> int:
         return loop_round + self.round_offset
@@ -137,7 +182,7 @@ class SharedFedAvg(FedAvg):
         if msg.error.code != PERMANENT_ERROR_CODE:
             return
         # A client's text: bounded before it reaches logs and summary.json.
-        node, reason = msg.metadata.src_node_id, (msg.error.reason or "")[:MAX_REASON]
+        node, reason = self.sender(msg), (msg.error.reason or "")[:MAX_REASON]
         named = re.match(r"client (\d+): (.*)", reason, re.DOTALL)  # the client names itself when it can
         if named:
             who, reason = f"client {named[1]}", named[2]
@@ -158,8 +203,17 @@ class SharedFedAvg(FedAvg):
         return None
 
     def round_record(self, server_round: int) -> dict[str, object]:
-        """Strategy-specific entries of the round's metrics.jsonl row."""
-        return {}
+        """Strategy-specific entries of the round's metrics.jsonl row: update norms (and which
+        were clipped), the aggregation rule, and the DP figures (epsilon spent so far)."""
+        stats = self.stats(server_round)
+        record: dict[str, object] = {
+            "aggregation": self.combiner.cfg.aggregation,
+            "update-norms": {who: round(n, 6) for who, n in sorted(stats.update_norms.items())},
+            "clipped-updates": {who: round(n, 6) for who, n in sorted(stats.clipped.items())},
+        }
+        if self.combiner.privacy is not None:
+            record["privacy"] = self.combiner.privacy.record()
+        return record
 
     def server_state(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """What the strategy keeps beyond the global arrays (tensors, string metadata), for resume."""
@@ -178,13 +232,18 @@ class SharedFedAvg(FedAvg):
         minimum = self.min_train_nodes if training else self.min_evaluate_nodes
         size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         _, connected = sample_nodes(grid, self.min_available_nodes, size)  # waits for enough nodes
+        if self.examples_cap is not None:  # the partition is known once the clients are
+            cap, why = self.examples_cap(len(connected))
+            self.limits = dataclasses.replace(self.limits, max_examples=cap)
+            self.examples_cap = None
+            log.info("num-examples cap: %d (%s)", cap, why)
         rng = random.Random(sub_seed(self.seed, server_round, int(training)))
         chosen = sorted(rng.sample(sorted(connected), size))
         log.info("round %d: %s %d of %d nodes", server_round, "training" if training else "evaluating", size, len(connected))
         return chosen
 
-    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, training: bool) -> list[Message]:
-        nodes = self.sample(grid, server_round, training)
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, training: bool, nodes: list[int] | None = None) -> list[Message]:
+        nodes = self.sample(grid, server_round, training) if nodes is None else nodes
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(config), "server-round": server_round})})
         kind = MessageType.TRAIN if training else MessageType.EVALUATE
         return [self.personalise(Message(content=content, message_type=kind, dst_node_id=node), server_round, training) for node in nodes]
@@ -204,39 +263,95 @@ class SharedFedAvg(FedAvg):
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round = self.real_round(server_round)
         config = ConfigRecord({**dict(config), **self.client_config})
-        messages = self._messages(server_round, arrays, config, grid, training=True)
+        self.global_arrays = _numpy(arrays)
+        privacy = self.combiner.privacy
+        if privacy is None:
+            messages = self._messages(server_round, arrays, config, grid, training=True)
+        else:  # Flower's DP wrapper may add its clipping norm to the config, and accounts the round
+            nodes = self.sample(grid, server_round, training=True)
+            messages = privacy.configure(
+                server_round, arrays, config, grid, nodes,
+                lambda cfg: self._messages(server_round, arrays, cfg, grid, training=True, nodes=nodes),
+            )
         stats = self.stats(server_round)
         stats.sampled_train = len(messages)
         stats.count_sent(messages)
+        self.outbox = list(messages)
         return messages
+
+    def screen(self, server_round: int, msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """A training reply's shared tensors as they may be combined (clipped if over the norm
+        bound under update-norm-action=clip), or None and why not."""
+        problem = reply_problem(msg, self.shared_specs, self.weighted_by_key, self.limits)
+        if problem is not None:
+            return None, problem
+        arrays = _numpy(next(iter(msg.content.array_records.values())))
+        if not self.global_arrays:  # no reference (unit use): nothing to bound against
+            return arrays, None
+        stats, node = self.stats(server_round), self.sender(msg)
+        norm, reference = update_norm(arrays, self.global_arrays), state_norm(self.global_arrays)
+        stats.update_norms[self.who(node)] = norm
+        metrics = next(iter(msg.content.metric_records.values()))
+        privacy = self.combiner.privacy
+        if privacy is not None and privacy.client_side:
+            # The client was asked to clip; a reply that did not is refused, not trusted.
+            sent = dict(self.outbox[0].content.config_records["config"]) if self.outbox else {}
+            clip = float(sent.get(CLIPPING_NORM_KEY, 0.0))  # type: ignore[arg-type]
+            if clip and norm > clip * (1 + 1e-4) + 1e-6:
+                return None, f"update norm {norm:.4g} is above the DP clipping norm {clip:.4g} the client was asked to apply"
+            if privacy.cfg.dp == "client-adaptive" and NORM_BIT_KEY not in metrics:
+                return None, f"no {NORM_BIT_KEY!r} in a reply under dp=client-adaptive"
+        bound = self.limits.update_norm_bound * reference
+        if self.limits.update_norm_bound and norm > bound:
+            ratio = f"update norm {norm:.4g} is {norm / max(reference, 1e-30):.3g}x the global state's norm {reference:.4g}"
+            if self.limits.update_norm_action == "reject":
+                return None, f"{ratio}, above update-norm-bound={self.limits.update_norm_bound:g}"
+            stats.clipped[self.who(node)] = norm
+            log.warning("round %d: %s: %s; clipped to %.4g (update-norm-action=clip)", server_round, self.who(node), ratio, bound)
+            arrays = clip_update(arrays, self.global_arrays, bound)
+            # Whatever else reads the reply (pFedMoAP's prompt bank) sees the clipped tensors too.
+            key = next(iter(msg.content.array_records))
+            msg.content[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return arrays, None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.real_round(server_round)
         stats = self.stats(server_round)
+        screened: dict[int, dict[str, np.ndarray]] = {}  # id(msg) -> the tensors it contributes
         accepted = []
         for msg in replies:
             stats.bytes_received += reply_bytes(msg)
             stats.count_received(msg)
-            problem = reply_problem(msg, self.shared_specs, self.weighted_by_key)
-            if problem is None:
+            arrays, problem = self.screen(server_round, msg)
+            if arrays is not None:
+                screened[id(msg)] = arrays
                 accepted.append(msg)
-            else:
-                if msg.has_error():
-                    self.note_error(server_round, msg)
-                stats.reject(msg.metadata.src_node_id, problem)
-                log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, problem)
+                continue
+            if msg.has_error():
+                self.note_error(server_round, msg)
+            node = self.sender(msg)
+            stats.reject(node, problem or "")
+            log.warning("round %d: dropped reply of %s: %s", server_round, self.who(node), problem)
         stats.valid = len(accepted)
         accepted = self.in_client_order(accepted)
         self.record_accepted(server_round, accepted)
         if not accepted:
             log.warning("round %d: no valid reply; the global shared state is unchanged", server_round)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, accepted)
-        if metrics is not None:
-            stats.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        return arrays, metrics
+        metrics = _mean_metrics([m.content for m in accepted], self.weighted_by_key)
+        stats.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        weights = [int(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in accepted]  # type: ignore[arg-type]
+        ballots = self.combiner.ballots((m, screened[id(m)], w) for m, w in zip(accepted, weights, strict=True))
+        combined = self.combiner.combine(server_round, ballots)
+        if combined is None:
+            return None, metrics
+        problem = state_problem(combined, self.shared_specs, self.limits.max_abs)
+        if problem is not None:  # cannot come from validated replies; kept as the last line of defence
+            log.error("round %d: the combined state is unusable (%s); the global shared state is unchanged", server_round, problem)
+            return None, metrics
+        return combined, metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
         server_round = self.real_round(server_round)
@@ -247,6 +362,7 @@ class SharedFedAvg(FedAvg):
         messages = self._messages(server_round, arrays, config, grid, training=False)
         stats.sampled_evaluate = len(messages)
         stats.count_sent(messages)
+        self.outbox = list(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -255,13 +371,18 @@ class SharedFedAvg(FedAvg):
         stats = self.stats(server_round)
         for msg in replies:
             if msg.has_error():
-                log.warning("round %d: evaluation failed on node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+                log.warning("round %d: evaluation failed on %s: %s", server_round, self.who(self.sender(msg)), (msg.error.reason or "")[:MAX_REASON])
                 self.note_error(server_round, msg)
                 continue
             stats.count_received(msg)
             metrics = msg.content.metric_records.get("metrics")
             if metrics is None or "local-accuracy" not in metrics:
                 log.warning("round %d: node %d sent no local-accuracy", server_round, msg.metadata.src_node_id)
+                continue
+            problem = metrics_problem(metrics)
+            if problem is not None:
+                stats.reject(msg.metadata.src_node_id, f"evaluation: {problem}")
+                log.warning("round %d: dropped evaluation of %s: %s", server_round, self.who(msg.metadata.src_node_id), problem)
                 continue
             partition_id = self.note_client(msg, metrics, stats)
             client = partition_id if partition_id is not None else msg.metadata.src_node_id
