@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import KEY_NORM_BIT as NORM_BIT_KEY
 from torch.utils.data import DataLoader, Dataset
 
 from client.guards import check_received, clip_for_dp
@@ -192,7 +191,7 @@ def _train(job: ClientJob, msg: Message) -> Message:
     classifier = job.classifier(job.data.class_names, _step_inputs(msg, job, server_round))
     result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
     job.store.save(roles.state(model, Role.PRIVATE))  # only if finite; else DivergedError, nothing sent
-    shared, norm_bit = clip_for_dp(roles.state(model, Role.SHARED), from_record(_shared_arrays(msg)), _config(msg), job.cfg.dp)
+    shared = clip_for_dp(roles.state(model, Role.SHARED), from_record(_shared_arrays(msg)), _config(msg), job.cfg.dp)
     check_received(shared, float("inf"), "trained shared tensor")  # a NaN is never sent
     # The reply is built from the shared role alone: private tensors never enter a Message.
     content = RecordDict(
@@ -209,7 +208,6 @@ def _train(job: ClientJob, msg: Message) -> Message:
                     # lets the server see a restarted node resume rather than re-initialise.
                     "private-source": PRIVATE_SOURCES.index(source),
                     "skipped-images": job.skipped_images,
-                    **({NORM_BIT_KEY: int(norm_bit)} if norm_bit is not None else {}),
                 }
             ),
         }

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM as CLIPPING_NORM_KEY
-from flwr.supercore.differential_privacy import compute_adaptive_clip_model_update, compute_clip_model_update
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from common.config import DP_CLIENT_SIDE
 
@@ -35,21 +35,19 @@ def check_received(tensors: Mapping[str, torch.Tensor], max_abs: float, what: st
 
 def clip_for_dp(
     trained: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], config: Mapping[str, object], dp: str
-) -> tuple[dict[str, torch.Tensor], bool | None]:
-    """Client-side DP clipping, with Flower's functions: the update (trained - sent) scaled to
-    the clipping norm the server's DP wrapper put in the config. Returns the tensors to send and,
-    for adaptive clipping, whether clipping was needed (the server adapts its norm from it)."""
+) -> dict[str, torch.Tensor]:
+    """Client-side DP clipping with Flower's function: the update (trained - sent) scaled down
+    to the clipping norm the server's DP wrapper put in the config. The server checks the norm
+    of what arrives, so it needs no word from the client on whether it clipped."""
     if dp not in DP_CLIENT_SIDE:
-        return dict(trained), None
+        return dict(trained)
     if CLIPPING_NORM_KEY not in config:
         raise ValueError(f"dp={dp!r} but the server sent no {CLIPPING_NORM_KEY!r}; refusing to send an unclipped update")
     clip = float(config[CLIPPING_NORM_KEY])  # type: ignore[arg-type]
     names = list(sent)
     params = [trained[n].detach().cpu().numpy().astype(np.float32, copy=True) for n in names]
     reference = [sent[n].detach().cpu().numpy().astype(np.float32) for n in names]
-    if dp == "client-adaptive":
-        norm_bit: bool | None = compute_adaptive_clip_model_update(params, reference, clip)
-    else:
-        compute_clip_model_update(params, reference, clip)
-        norm_bit = None
-    return {n: torch.from_numpy(np.asarray(p)) for n, p in zip(names, params, strict=True)}, norm_bit
+    if not any(np.any(p != r) for p, r in zip(params, reference, strict=True)):
+        return dict(trained)  # nothing to clip; Flower's clipping would divide by this zero norm
+    compute_clip_model_update(params, reference, clip)
+    return {n: torch.from_numpy(np.asarray(p)) for n, p in zip(names, params, strict=True)}

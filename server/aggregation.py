@@ -1,8 +1,12 @@
 """How the validated replies of a round become the new global shared state.
 
 The arithmetic is Flower's: its FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan
-strategies, and its differential-privacy wrappers (fixed or adaptive clipping, on the server or
-on the clients, with Flower's RDP accountant for fixed clipping). Our strategy keeps sampling,
+strategies, and its differential-privacy wrappers (fixed or adaptive clipping, with Flower's RDP
+accountant for fixed clipping). Flower's client-side wrappers are used for every dp mode: they
+add the noise, account it and adapt the clip. Clipping itself is done by the clients (``client-*``,
+verified here) or by our strategy (``server-*``) before the ballots reach the wrapper, because
+Flower's server-side clipping divides by the update's norm and so fails on a reply equal to the
+global state (ZeroDivisionError), which one client could send on purpose. Our strategy keeps sampling,
 validation and bookkeeping; it hands these objects only *ballots*: one message per accepted
 reply holding that client's shared tensors and its weight, so the Flower code sees nothing but
 shared tensors and never a reply that failed validation.
@@ -26,8 +30,6 @@ from flwr.serverapp.strategy import (
     Bulyan,
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     FedMedian,
     FedTrimmedAvg,
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 WEIGHT = "weight"  # the ballot's weight key
 BALLOT = "arrays"
 CLIPPING_NORM_KEY = KEY_CLIPPING_NORM  # the config key that asks a client to clip (Flower's name)
-NORM_BIT_KEY = KEY_NORM_BIT  # the reply metric saying that the client had to clip
+NORM_BIT_KEY = KEY_NORM_BIT  # the ballot metric the adaptive wrapper counts (here: "within the clip")
 
 
 def _combiners(cfg: RunConfig) -> dict[str, Callable[[], FedAvg]]:
@@ -103,19 +105,11 @@ class _FreshNoise:
         return float(rng.normal(count, self.clipped_count_stddev)) / float(total)
 
 
-class _ServerFixed(_FreshNoise, DifferentialPrivacyServerSideFixedClipping):
+class _FixedClipping(_FreshNoise, DifferentialPrivacyClientSideFixedClipping):
     pass
 
 
-class _ClientFixed(_FreshNoise, DifferentialPrivacyClientSideFixedClipping):
-    pass
-
-
-class _ServerAdaptive(_FreshNoise, DifferentialPrivacyServerSideAdaptiveClipping):
-    pass
-
-
-class _ClientAdaptive(_FreshNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+class _AdaptiveClipping(_FreshNoise, DifferentialPrivacyClientSideAdaptiveClipping):
     pass
 
 
@@ -139,8 +133,7 @@ class Privacy:
     def _build(self, num_sampled: int, population: int) -> DifferentialPrivacyFixedClippingBase | DifferentialPrivacyAdaptiveBase:
         cfg = self.cfg
         if cfg.dp.endswith("adaptive"):
-            cls = _ClientAdaptive if self.client_side else _ServerAdaptive
-            return cls(
+            return _AdaptiveClipping(
                 self.relay, cfg.dp_noise_multiplier, num_sampled, initial_clipping_norm=cfg.dp_clipping_norm,
                 target_clipped_quantile=cfg.dp_target_quantile, clip_norm_lr=cfg.dp_clip_norm_lr,
             )
@@ -157,8 +150,7 @@ class Privacy:
                 max_epsilon=cfg.dp_max_epsilon or None,
             )
         )
-        fixed = _ClientFixed if self.client_side else _ServerFixed
-        return fixed(self.relay, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled, accountant=accountant)
+        return _FixedClipping(self.relay, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled, accountant=accountant)
 
     def configure(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, nodes: list[int],
@@ -181,6 +173,12 @@ class Privacy:
             return list(self.wrapper.configure_train(server_round, arrays, config, grid))
         except PrivacyBudgetExhausted as err:
             raise PrivacyBudgetSpent(f"{err} (dp-max-epsilon={self.cfg.dp_max_epsilon:g})") from None
+
+    @property
+    def clipping_norm(self) -> float:
+        """The clip in force this round (the adaptive wrapper moves it after each round)."""
+        assert self.wrapper is not None
+        return float(self.wrapper.clipping_norm)
 
     def aggregate(self, server_round: int, ballots: list[Message]) -> ArrayRecord | None:
         assert self.wrapper is not None
@@ -215,14 +213,14 @@ class Combiner:
         self.rule = _combiners(cfg)[cfg.aggregation]()
         self.privacy = Privacy(cfg) if cfg.dp != "off" else None
 
-    def ballots(self, replies: Iterable[tuple[Message, Mapping[str, np.ndarray], int]]) -> list[Message]:
-        """One message per (reply, its shared tensors as they will be combined, its weight)."""
+    def ballots(self, replies: Iterable[tuple[Message, Mapping[str, np.ndarray], int, bool | None]]) -> list[Message]:
+        """One message per (reply, its shared tensors as they will be combined, its weight,
+        under DP whether its update was within the clip)."""
         out = []
-        for msg, arrays, weight in replies:
+        for msg, arrays, weight, unclipped in replies:
             metrics: dict[str, int | float | list[int] | list[float]] = {WEIGHT: 1 if self.privacy else int(weight)}
-            reported = msg.content.metric_records.get("metrics")
-            if reported is not None and NORM_BIT_KEY in reported:
-                metrics[NORM_BIT_KEY] = int(bool(reported[NORM_BIT_KEY]))
+            if unclipped is not None:
+                metrics[NORM_BIT_KEY] = int(unclipped)
             content = RecordDict({BALLOT: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)})
             # The reply's own metadata: an instruction would need a run context this code may lack.
             out.append(Message(content=content, metadata=copy.copy(msg.metadata)))  # type: ignore[call-overload]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import RecordDict
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from client.app import app
 from client.runtime import pick_device, shared_model
@@ -159,6 +160,10 @@ def test_reply_carries_only_the_shared_tensors(run_config: dict[str, Any], tmp_p
     assert leaked_rows(blob, frozen) == []
     shared = method.roles.state(model, Role.SHARED)
     assert set(leaked_rows(blob, shared)) == {n for n, t in shared.items() if t.numel() > 1}  # positive control
+    # What the ClientApp process hands back to its SuperNode besides the reply: its context.
+    # The private tensors live on the node's disk only, never in context.state.
+    assert not ctx.state.array_records
+    assert leaked_rows(b"".join(o.deflate() for o in get_all_nested_objects(ctx.state).values()), private) == []
 
     evaluation = app(instruction(method.initial_state()[Role.SHARED], "evaluate", 1, ctx.node_id), ctx)
     assert not evaluation.content.array_records  # evaluation replies carry metrics only

@@ -22,7 +22,7 @@ from common.config import RunConfig
 from common.errors import PERMANENT_ERROR_CODE
 from common.metrics import summarize
 from common.seeds import sub_seed
-from server.aggregation import CLIPPING_NORM_KEY, NORM_BIT_KEY, Combiner
+from server.aggregation import Combiner
 from server.round_stats import PRIVATE_SOURCES, RoundStats, identifier, scalar
 from server.validation import (
     ReplyLimits,
@@ -279,54 +279,58 @@ class SharedFedAvg(FedAvg):
         self.outbox = list(messages)
         return messages
 
-    def screen(self, server_round: int, msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    def screen(self, server_round: int, msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None, bool | None]:
         """A training reply's shared tensors as they may be combined (clipped if over the norm
-        bound under update-norm-action=clip), or None and why not."""
+        bound under update-norm-action=clip, and to the DP clip under dp=server-*), or None and
+        why not; and, under DP, whether it was within the DP clip (for adaptive clipping)."""
         problem = reply_problem(msg, self.shared_specs, self.weighted_by_key, self.limits)
         if problem is not None:
-            return None, problem
+            return None, problem, None
         arrays = _numpy(next(iter(msg.content.array_records.values())))
         if not self.global_arrays:  # no reference (unit use): nothing to bound against
-            return arrays, None
+            return arrays, None, None
         stats, node = self.stats(server_round), self.sender(msg)
         norm, reference = update_norm(arrays, self.global_arrays), state_norm(self.global_arrays)
         stats.update_norms[self.who(node)] = norm
-        metrics = next(iter(msg.content.metric_records.values()))
-        privacy = self.combiner.privacy
-        if privacy is not None and privacy.client_side:
-            # The client was asked to clip; a reply that did not is refused, not trusted.
-            sent = dict(self.outbox[0].content.config_records["config"]) if self.outbox else {}
-            clip = float(sent.get(CLIPPING_NORM_KEY, 0.0))  # type: ignore[arg-type]
-            if clip and norm > clip * (1 + 1e-4) + 1e-6:
-                return None, f"update norm {norm:.4g} is above the DP clipping norm {clip:.4g} the client was asked to apply"
-            if privacy.cfg.dp == "client-adaptive" and NORM_BIT_KEY not in metrics:
-                return None, f"no {NORM_BIT_KEY!r} in a reply under dp=client-adaptive"
         bound = self.limits.update_norm_bound * reference
         if self.limits.update_norm_bound and norm > bound:
             ratio = f"update norm {norm:.4g} is {norm / max(reference, 1e-30):.3g}x the global state's norm {reference:.4g}"
             if self.limits.update_norm_action == "reject":
-                return None, f"{ratio}, above update-norm-bound={self.limits.update_norm_bound:g}"
+                return None, f"{ratio}, above update-norm-bound={self.limits.update_norm_bound:g}", None
             stats.clipped[self.who(node)] = norm
             log.warning("round %d: %s: %s; clipped to %.4g (update-norm-action=clip)", server_round, self.who(node), ratio, bound)
-            arrays = clip_update(arrays, self.global_arrays, bound)
+            arrays, norm = clip_update(arrays, self.global_arrays, bound), bound
             # Whatever else reads the reply (pFedMoAP's prompt bank) sees the clipped tensors too.
             key = next(iter(msg.content.array_records))
             msg.content[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-        return arrays, None
+        privacy = self.combiner.privacy
+        if privacy is None:
+            return arrays, None, None
+        clip = privacy.clipping_norm
+        # Under adaptive clipping the wrapper moves the clip from these indicators. They say
+        # "left unclipped", as in Andrew et al.'s rule: Flower's own counts clipped updates into
+        # the same formula, which shrinks the clip when most updates are clipped.
+        if privacy.client_side:
+            # The client was asked to clip; a reply that did not is refused, not trusted, and
+            # whether it had to clip is read from its norm, not from what it says.
+            if norm > clip * (1 + 1e-4) + 1e-6:
+                return None, f"update norm {norm:.4g} is above the DP clipping norm {clip:.4g} the client was asked to apply", None
+            return arrays, None, norm < clip * (1 - 1e-4)
+        return clip_update(arrays, self.global_arrays, clip), None, norm <= clip
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round = self.real_round(server_round)
         stats = self.stats(server_round)
-        screened: dict[int, dict[str, np.ndarray]] = {}  # id(msg) -> the tensors it contributes
+        screened: dict[int, tuple[dict[str, np.ndarray], bool | None]] = {}  # id(msg) -> what it contributes
         accepted = []
         for msg in replies:
             stats.bytes_received += reply_bytes(msg)
             stats.count_received(msg)
-            arrays, problem = self.screen(server_round, msg)
+            arrays, problem, dp_clipped = self.screen(server_round, msg)
             if arrays is not None:
-                screened[id(msg)] = arrays
+                screened[id(msg)] = (arrays, dp_clipped)
                 accepted.append(msg)
                 continue
             if msg.has_error():
@@ -343,7 +347,7 @@ class SharedFedAvg(FedAvg):
         metrics = _mean_metrics([m.content for m in accepted], self.weighted_by_key)
         stats.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         weights = [int(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in accepted]  # type: ignore[arg-type]
-        ballots = self.combiner.ballots((m, screened[id(m)], w) for m, w in zip(accepted, weights, strict=True))
+        ballots = self.combiner.ballots((m, screened[id(m)][0], w, screened[id(m)][1]) for m, w in zip(accepted, weights, strict=True))
         combined = self.combiner.combine(server_round, ballots)
         if combined is None:
             return None, metrics
