@@ -302,8 +302,8 @@ def test_three_hosts_full_run(make_federation, tmp_path: Path, method: str) -> N
         assert row["sampled"] == 3 and row["valid-replies"] == 3 and row["rejections"] == {}, row
         assert set(row["per-client"]) == {"0", "1", "2"}
     assert rows[0]["private-source"] == {"0": "init", "1": "init", "2": "init"}
-    # Same SuperNode processes in round 2: the adapters come from context.state.
-    assert rows[1]["private-source"] == {"0": "context", "1": "context", "2": "context"}
+    # Round 2: every client's adapters come back from its node's disk (never from context.state).
+    assert rows[1]["private-source"] == {"0": "disk", "1": "disk", "2": "disk"}
     assert set(rows[1]["evaluation"]) >= {"local", "base", "novel", "hm3"}
     assert summary["rounds-completed"] == 2 and summary["total-rejected-replies"] == 0
     for i in range(3):  # each host wrote its own private state, on its own state-dir
@@ -353,10 +353,10 @@ def _check_fault_rows(rows: list[dict[str, Any]], rounds: int) -> int:
     # Its first round back: a new SuperNode process has no context.state, so the private
     # adapters come from the node's disk, not from the common initialisation.
     assert back[0]["private-source"]["2"] == "disk", back[0]
-    assert all(r["private-source"]["2"] in ("disk", "context") for r in back)
-    assert rows[-1]["valid-replies"] == 3 and rows[-1]["private-source"]["2"] in ("disk", "context"), rows[-1]
+    assert all(r["private-source"]["2"] == "disk" for r in back)
+    assert rows[-1]["valid-replies"] == 3 and rows[-1]["private-source"]["2"] == "disk", rows[-1]
     for row in rows[1:]:  # the survivors never lost their state
-        assert row["private-source"]["0"] == row["private-source"]["1"] == "context", row
+        assert row["private-source"]["0"] == row["private-source"]["1"] == "disk", row
     return int(back[0]["round"])
 
 
