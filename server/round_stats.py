@@ -58,8 +58,9 @@ class RoundStats:
     excluded: dict[int, str] = field(default_factory=dict)
     # Errors a client reported as permanent (it would repeat them every round): "client 3" -> reason.
     permanent: dict[str, str] = field(default_factory=dict)
-    update_norms: dict[str, float] = field(default_factory=dict)  # "node N (client P)" -> ||reply - global||
+    update_norms: dict[str, float] = field(default_factory=dict)  # client (or "node-N") -> ||reply - global||
     clipped: dict[str, float] = field(default_factory=dict)  # updates over the bound, clipped: -> norm before
+    global_norm: float | None = None  # ||global shared state|| the updates were measured against
 
     @property
     def counted(self) -> dict[int, dict[str, float]]:

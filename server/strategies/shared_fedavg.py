@@ -208,8 +208,9 @@ class SharedFedAvg(FedAvg):
         stats = self.stats(server_round)
         record: dict[str, object] = {
             "aggregation": self.combiner.cfg.aggregation,
-            "update-norms": {who: round(n, 6) for who, n in sorted(stats.update_norms.items())},
-            "clipped-updates": {who: round(n, 6) for who, n in sorted(stats.clipped.items())},
+            "global-norm": stats.global_norm,
+            "update-norms": {who: n for who, n in sorted(stats.update_norms.items())},
+            "clipped-updates": {who: n for who, n in sorted(stats.clipped.items())},
         }
         if self.combiner.privacy is not None:
             record["privacy"] = self.combiner.privacy.record()
@@ -291,13 +292,18 @@ class SharedFedAvg(FedAvg):
             return arrays, None, None
         stats, node = self.stats(server_round), self.sender(msg)
         norm, reference = update_norm(arrays, self.global_arrays), state_norm(self.global_arrays)
-        stats.update_norms[self.who(node)] = norm
+        # Keyed as the communication figures are: by the partition id the (validated) reply
+        # reports, the node id otherwise; node ids differ from one deployment to the next.
+        client = identifier(next(iter(msg.content.metric_records.values())), "partition-id")
+        label = str(client) if client is not None else f"node-{node}"
+        stats.update_norms[label] = norm
+        stats.global_norm = reference
         bound = self.limits.update_norm_bound * reference
         if self.limits.update_norm_bound and norm > bound:
             ratio = f"update norm {norm:.4g} is {norm / max(reference, 1e-30):.3g}x the global state's norm {reference:.4g}"
             if self.limits.update_norm_action == "reject":
                 return None, f"{ratio}, above update-norm-bound={self.limits.update_norm_bound:g}", None
-            stats.clipped[self.who(node)] = norm
+            stats.clipped[label] = norm
             log.warning("round %d: %s: %s; clipped to %.4g (update-norm-action=clip)", server_round, self.who(node), ratio, bound)
             arrays, norm = clip_update(arrays, self.global_arrays, bound), bound
             # Whatever else reads the reply (pFedMoAP's prompt bank) sees the clipped tensors too.
