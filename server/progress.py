@@ -167,8 +167,14 @@ def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
         f"[pfedmma] round {row['round']}/{num_rounds} | train loss {_fmt(row['train-loss'])} "
         f"acc {_fmt(row['train-accuracy'])} | local {_fmt(row['local-accuracy'])}{extra} | "
         f"replies {row['valid-replies']}/{row['sampled']} ok, {row['rejected-replies']} rejected{_counted(row)} | "
-        f"{row['bytes-received'] / 1024:.1f} KiB in | {row['seconds']:.1f}s"
+        f"{row['bytes-received'] / 1024:.1f} KiB in{_privacy(row)} | {row['seconds']:.1f}s"
     )
+
+
+def _privacy(row: dict[str, Any]) -> str:
+    """The DP budget spent so far, when the run accounts one."""
+    epsilon = (row.get("privacy") or {}).get("epsilon")
+    return f" | DP epsilon {epsilon:.2f} (delta {row['privacy']['delta']:g})" if epsilon is not None else ""
 
 
 def _counted(row: dict[str, Any]) -> str:
