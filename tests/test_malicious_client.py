@@ -97,7 +97,7 @@ def _app(tmp_path: Path) -> Path:
     return app
 
 
-def test_one_malicious_client_cannot_poison_or_stop_the_federation(tmp_path: Path) -> None:
+def test_one_malicious_client_cannot_poison_or_stop_the_federation(tmp_path: Path, flwr_home: Path) -> None:
     import subprocess
 
     out, state = tmp_path / "runs", tmp_path / "state"
@@ -107,7 +107,7 @@ def test_one_malicious_client_cannot_poison_or_stop_the_federation(tmp_path: Pat
     )
     proc = subprocess.run(
         [FLWR, "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config", config],
-        cwd=_app(tmp_path), env=flower_env(tmp_path / "flwr"), capture_output=True, text=True, timeout=900, check=False,
+        cwd=_app(tmp_path), env=flower_env(flwr_home), capture_output=True, text=True, timeout=900, check=False,
     )
     log = proc.stdout + proc.stderr
     (run_dir,) = out.iterdir()
