@@ -16,11 +16,15 @@
 # adds missing node keys only) unless --force is given. Needs openssl, and ssh-keygen or a
 # python3 with the `cryptography` package (any Flower environment has it).
 #
-# The containers run as uid 49999: when run as root this script gives the SuperLink and
-# SuperNode private keys to that uid (mode 0600); otherwise it makes them mode 0644 so that
-# the containers can read the bind-mounted files, and says so. On a shared machine run it
-# as root, or `sudo chown 49999:49999` and `chmod 0600` those keys. ca.key stays 0600.
+# Every private key (ca.key, superlink.key, supernode-N) is created mode 0600, readable by its
+# owner only, whoever runs this; certificates and .pub files are 0644. The containers run as
+# uid 49999: run as root, this script gives superlink.key and the SuperNode keys to that uid
+# (still 0600). Run as another user, the keys stay yours and the script says how to hand them
+# to the containers (docs/deployment.md, "TLS and SuperNode authentication"):
+#   sudo chown 49999:49999 OUT/superlink.key OUT/supernode-0 ...
+# ca.key never goes into a container: keep it offline.
 set -euo pipefail
+umask 077  # nothing this script creates is readable by others until it says so below
 
 out="docker/certs"
 nodes=3
@@ -34,7 +38,7 @@ while (($#)); do
         --nodes) nodes="$2"; shift 2 ;;
         --days) days="$2"; shift 2 ;;
         --force) force=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "make_certs.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -99,13 +103,12 @@ done
 chmod 0600 ca.key
 in_containers=(superlink.key)
 for f in supernode-*; do [[ "$f" == *.pub ]] || in_containers+=("$f"); done
+chmod 0600 "${in_containers[@]}"
+chmod 0644 ca.crt superlink.crt supernode-*.pub
 if [[ "$(id -u)" == 0 ]]; then
     chown 49999:49999 "${in_containers[@]}"
-    chmod 0600 "${in_containers[@]}"
 else
-    chmod 0644 "${in_containers[@]}"
-    echo "note: superlink.key and the SuperNode keys are mode 0644 so that the containers" \
-        "(uid 49999) can read them; as root: chown 49999:49999 and chmod 0600 them" >&2
+    echo "note: the private keys are mode 0600 and yours; the containers (uid 49999) need" \
+        "superlink.key and the supernode-N keys: sudo chown 49999:49999 $(printf "$out/%s " "${in_containers[@]}")" >&2
 fi
-chmod 0644 ca.crt superlink.crt supernode-*.pub
 echo "done: $out"
