@@ -38,7 +38,7 @@ while (($#)); do
         --nodes) nodes="$2"; shift 2 ;;
         --days) days="$2"; shift 2 ;;
         --force) force=1; shift ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;  # this header
         *) echo "make_certs.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
