@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from client.guards import check_received, clip_for_dp
 from client.runtime import initial_private, pick_device, shard, shared_model
-from client.state_lock import exclusive, lock_path
+from client.state_lock import exclusive
 from client.state_store import PrivateStateStore
 from client.trainer import evaluate, train
 from common.arrays import from_record, to_record
@@ -72,11 +72,10 @@ class ClientJob:
         store = PrivateStateStore(node.resolved_state_dir(cfg), namespace, node.partition_id, method.fingerprint())
         return cls(cfg, node, method, device, bundle, checked.data, store, len(checked.skipped_files))
 
-    def load_state(self, shared: ArrayRecord) -> str:
+    def load_state(self, received: Mapping[str, torch.Tensor]) -> str:
         """Global shared tensors from the message (refused if non-finite or implausible), private
         ones from the store (or the init)."""
         roles, model = self.method.roles, self.bundle.model
-        received = from_record(shared)
         check_received(received, self.cfg.max_parameter_abs, "global shared tensor")
         roles.load(model, Role.SHARED, received)
         private, source = self.store.load()
@@ -156,8 +155,7 @@ def _one_writer(job: ClientJob, msg: Message, context: Context, final: bool) -> 
         yield
         return
     owners = frozenset(int(r) for r in str(_config(msg).get("state-owners", "")).split(",") if r.strip().isdigit())
-    path = lock_path(job.store.path.parent.parent, job.store.path.parent.name, job.node.partition_id)
-    with exclusive(path, context.run_id, owners, 2 * job.cfg.round_timeout, release=final):
+    with exclusive(job.store.lock_path, context.run_id, owners, 2 * job.cfg.round_timeout, release=final):
         yield
 
 
@@ -181,7 +179,8 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 
 def _train(job: ClientJob, msg: Message) -> Message:
-    source = job.load_state(_shared_arrays(msg))
+    received = from_record(_shared_arrays(msg))
+    source = job.load_state(received)
     server_round = _round(msg)
     log.info("client %d round %d: private state from %s", job.node.partition_id, server_round, source)
     model, roles = job.bundle.model, job.method.roles
@@ -191,7 +190,7 @@ def _train(job: ClientJob, msg: Message) -> Message:
     classifier = job.classifier(job.data.class_names, _step_inputs(msg, job, server_round))
     result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
     job.store.save(roles.state(model, Role.PRIVATE))  # only if finite; else DivergedError, nothing sent
-    shared = clip_for_dp(roles.state(model, Role.SHARED), from_record(_shared_arrays(msg)), _config(msg), job.cfg.dp)
+    shared = clip_for_dp(roles.state(model, Role.SHARED), received, _config(msg), job.cfg.dp)
     check_received(shared, float("inf"), "trained shared tensor")  # a NaN is never sent
     # The reply is built from the shared role alone: private tensors never enter a Message.
     content = RecordDict(
@@ -225,7 +224,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(job: ClientJob, msg: Message) -> Message:
-    job.load_state(_shared_arrays(msg))
+    job.load_state(from_record(_shared_arrays(msg)))
     server_round = _round(msg)
     inputs = _step_inputs(msg, job, server_round)
     full = bool(_config(msg).get("full-eval", True))

@@ -30,10 +30,6 @@ class StateInUseError(PermanentError, RuntimeError):
     """Another run is using this client's private-state namespace."""
 
 
-def lock_path(directory: Path, namespace: str, partition_id: int) -> Path:
-    return directory / namespace / f"client-{partition_id}.lock"
-
-
 @contextmanager
 def exclusive(
     path: Path, run_id: int, owners: frozenset[int], lease_seconds: float, release: bool

@@ -46,6 +46,11 @@ class PrivateStateStore:
         self.path = directory / namespace / f"client-{partition_id}.safetensors"
         self.fingerprint = dict(fingerprint)
 
+    @property
+    def lock_path(self) -> Path:
+        """``client-<N>.lock`` beside the state file: the run that holds it (client.state_lock)."""
+        return self.path.with_suffix(".lock")
+
     def load(self) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The stored private tensors and where they came from ("disk"), or (None, "init")."""
         if self.path.exists():

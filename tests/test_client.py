@@ -85,15 +85,14 @@ def test_private_state_survives_rounds_restart_and_starts_from_init(run_config, 
     _train(run_config, initial[Role.SHARED], 1, partition_id=1)
 
     # ...and client 0's next round (same process, or a restarted node) starts from its own adapters.
-    from common.arrays import to_record
 
     job = ClientJob.from_context(context(run_config, 0, state=RecordDict()))
-    assert job.load_state(to_record(initial[Role.SHARED])) == "disk"
+    assert job.load_state(initial[Role.SHARED]) == "disk"
     assert all(torch.equal(v, stored[k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
 
     # A client that never trained starts from the common initialisation.
     job = ClientJob.from_context(context(run_config, 2))
-    assert job.load_state(to_record(initial[Role.SHARED])) == "init"
+    assert job.load_state(initial[Role.SHARED]) == "init"
     assert all(torch.equal(v, initial[Role.PRIVATE][k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
 
 
@@ -139,10 +138,9 @@ def test_state_file_of_another_model_is_refused(tmp_path: Path) -> None:
 
 def test_another_namespace_starts_from_init(run_config, initial) -> None:
     _train(run_config, initial[Role.SHARED], 1, partition_id=0)
-    from common.arrays import to_record
 
     job = ClientJob.from_context(context(run_config, 0), namespace="another-experiment")
-    assert job.load_state(to_record(initial[Role.SHARED])) == "init"
+    assert job.load_state(initial[Role.SHARED]) == "init"
 
 
 def test_a_non_finite_private_state_is_never_saved(tmp_path: Path) -> None:

@@ -91,7 +91,6 @@ class SharedFedAvg(FedAvg):
         examples_cap: Callable[[int], tuple[int, str]] | None = None,
         **kwargs,
     ) -> None:
-        kwargs.setdefault("train_metrics_aggr_fn", _mean_metrics)
         super().__init__(**kwargs)
         self.shared_specs = dict(shared_specs)
         self.num_rounds = num_rounds
@@ -265,6 +264,7 @@ class SharedFedAvg(FedAvg):
         server_round = self.real_round(server_round)
         config = ConfigRecord({**dict(config), **self.client_config})
         self.global_arrays = _numpy(arrays)
+        self.stats(server_round).global_norm = state_norm(self.global_arrays)  # what each update is measured against
         privacy = self.combiner.privacy
         if privacy is None:
             messages = self._messages(server_round, arrays, config, grid, training=True)
@@ -291,13 +291,12 @@ class SharedFedAvg(FedAvg):
         if not self.global_arrays:  # no reference (unit use): nothing to bound against
             return arrays, None, None
         stats, node = self.stats(server_round), self.sender(msg)
-        norm, reference = update_norm(arrays, self.global_arrays), state_norm(self.global_arrays)
+        norm, reference = update_norm(arrays, self.global_arrays), stats.global_norm or 0.0
         # Keyed as the communication figures are: by the partition id the (validated) reply
         # reports, the node id otherwise; node ids differ from one deployment to the next.
         client = identifier(next(iter(msg.content.metric_records.values())), "partition-id")
         label = str(client) if client is not None else f"node-{node}"
         stats.update_norms[label] = norm
-        stats.global_norm = reference
         bound = self.limits.update_norm_bound * reference
         if self.limits.update_norm_bound and norm > bound:
             ratio = f"update norm {norm:.4g} is {norm / max(reference, 1e-30):.3g}x the global state's norm {reference:.4g}"
