@@ -232,3 +232,10 @@ def test_a_lost_node_is_named_by_the_instruction_it_did_not_answer(server_task_i
     dead = Message(Error(code=0, reason="Node Unavailable"), metadata=metadata)
     strategy.aggregate_train(1, [_reply(11, _arrays(rng)), dead, _reply(13, _arrays(rng))])
     assert list(strategy.stats(1).rejected) == ["12"] and "Node Unavailable" in strategy.stats(1).rejected["12"]
+
+
+def test_a_reported_domain_name_is_bounded() -> None:
+    strategy = _strategy()
+    content = RecordDict({"metrics": MetricRecord({"local-accuracy": 0.5, "partition-id": 4}), "client": ConfigRecord({"domain": "x" * 10**6})})
+    strategy.aggregate_evaluate(1, [Message(content=content, metadata=_metadata(4))])
+    assert strategy.stats(1).domains == {4: "x" * 100}

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Identifiers and per-client counts, not quantities to average.
 MAX_REASON = 2000  # characters of a client's error reason that are kept
+MAX_DOMAIN = 100  # characters of a client's reported domain name that are kept
 PER_CLIENT_KEYS = ("partition-id", "num-partitions", "private-source", "skipped-images")
 
 
@@ -402,7 +403,7 @@ class SharedFedAvg(FedAvg):
             }
             info = msg.content.config_records.get("client")
             if info is not None and "domain" in info:
-                stats.domains[client] = str(info["domain"])
+                stats.domains[client] = str(info["domain"])[:MAX_DOMAIN]  # a client's text, bounded like its errors
             if self.trains and client not in self.trained:
                 stats.excluded[client] = "never trained in this run"
         if not stats.counted:
