@@ -14,6 +14,7 @@ from common.config import RunConfig
 from common.methods import StepInputs, method_for
 from common.model.clip import build_clip
 from common.model.prompts import ContextTemplate
+from common.model.text import reference_path
 
 NAMES = ["red circle", "blue_square", "white ring"]
 
@@ -21,12 +22,16 @@ NAMES = ["red circle", "blue_square", "white ring"]
 def test_context_path_with_the_x_embeddings_is_encode_text() -> None:
     bundle = build_clip("pfedmma-tiny", "", init_seed=3)
     model, tokenizer = bundle.model, bundle.tokenizer
+    with reference_path():  # all 16 positions, LayerNorm before pooling: open_clip's arithmetic
+        reference = ContextTemplate(model, tokenizer, NAMES, 4, "cpu")
     template = ContextTemplate(model, tokenizer, NAMES, 4, "cpu")
+    assert reference.tower.length == 16 and template.tower.length == 9  # SOS, 4 X, "white ring", ".", EOT
     x_embeddings = template.embedding[0, 1:5]  # what the four "X" tokens embed to
     with torch.no_grad():
-        via_context = template.encode(model, x_embeddings.unsqueeze(0))[0]
         direct = model.encode_text(tokenizer([f"X X X X {n.replace('_', ' ')}." for n in NAMES]))
-    torch.testing.assert_close(via_context, direct, rtol=0, atol=0)
+        torch.testing.assert_close(reference.encode(model, x_embeddings.unsqueeze(0))[0], direct, rtol=0, atol=0)
+        # Truncated at the longest EOT: equal within fp32 rounding (shorter sums in the attention).
+        torch.testing.assert_close(template.encode(model, x_embeddings.unsqueeze(0))[0], direct, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["promptfl", "fedpgp", "pfedmoap"])

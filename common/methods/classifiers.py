@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from open_clip import CLIP
 from torch import nn
 
+from common.model.adapters import AdaptedBlock
 from common.model.prompts import ContextTemplate, handcrafted_prompts
+from common.model.text import TextTower
 
 
 class Classifier(ABC):
@@ -40,8 +42,19 @@ class Classifier(ABC):
         """Per-class state computed once per evaluation set (normalised text features)."""
 
     @abstractmethod
+    def logits_from_features(self, image_features: torch.Tensor, classes: Any = None) -> torch.Tensor:
+        """(B, C) logits of normalised image features; ``classes`` from :meth:`class_features`,
+        recomputed when None."""
+
     def logits(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
-        """(B, C) logits; ``classes`` from :meth:`class_features`, recomputed when None."""
+        return self.logits_from_features(self.image_features(images), classes)
+
+    def image_tower_fixed(self) -> bool:
+        """Whether nothing in the image tower trains: an image's feature is then the same every
+        round, and an evaluation may reuse it (``common.data.eval_cache``)."""
+        visual = self.model.visual
+        adapted = any(isinstance(m, AdaptedBlock) for m in visual.modules())
+        return not adapted and not any(p.requires_grad for p in visual.parameters())
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of one batch and its logits (cross-entropy unless a method adds terms)."""
@@ -61,13 +74,15 @@ class HandcraftedPromptClassifier(Classifier):
     def __init__(self, model: CLIP, tokenizer: Callable, class_names: Sequence[str], device: torch.device | str) -> None:
         super().__init__(model, class_names, device)
         self.tokens = tokenizer(handcrafted_prompts(self.class_names)).to(device)
+        # Exact shortcuts: EOT truncation and the frozen blocks' output cached (common.model.text).
+        self.tower = TextTower(model, self.tokens)
 
     def class_features(self) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokens), dim=-1)
+        return F.normalize(self.tower.from_tokens(), dim=-1)
 
-    def logits(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
+    def logits_from_features(self, image_features: torch.Tensor, classes: Any = None) -> torch.Tensor:
         text = self.class_features() if classes is None else classes
-        return self.scale() * self.image_features(images) @ text.T
+        return self.scale() * image_features @ text.T
 
 
 class ContextPromptClassifier(Classifier):
@@ -96,6 +111,6 @@ class ContextPromptClassifier(Classifier):
     def class_features(self) -> torch.Tensor:
         return self.prompt_features(self.context())
 
-    def logits(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
+    def logits_from_features(self, image_features: torch.Tensor, classes: Any = None) -> torch.Tensor:
         text = self.class_features() if classes is None else classes
-        return self.scale() * self.image_features(images) @ text.mean(dim=0).T
+        return self.scale() * image_features @ text.mean(dim=0).T

@@ -18,7 +18,7 @@ from torch import nn
 from common.methods.base import Method, StepInputs
 from common.methods.classifiers import Classifier, ContextPromptClassifier
 from common.model.clip import ModelDims
-from common.model.prompts import ContextVectors, LowRankContext, encode_embedded
+from common.model.prompts import ContextVectors, LowRankContext
 from common.model.roles import Role, Roles
 
 
@@ -53,7 +53,7 @@ class FedPGPClassifier(ContextPromptClassifier):
     def untuned(self) -> torch.Tensor:
         """Features of the un-tuned prompt: frozen weights only, so encoded once, and only for training."""
         with torch.no_grad():
-            return F.normalize(encode_embedded(self.model, self.template.embedding, self.template.tokens), dim=-1)
+            return F.normalize(self.template.tower.from_embeddings(self.template.embedding), dim=-1)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = self.parts.sigma.ctx

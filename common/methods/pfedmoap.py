@@ -67,9 +67,8 @@ class PFedMoAPClassifier(ContextPromptClassifier):
     def class_features(self) -> torch.Tensor:
         return self.prompt_features(self.context())[0]  # (C, D)
 
-    def logits(self, images: torch.Tensor, classes: Any = None) -> torch.Tensor:
+    def logits_from_features(self, image: torch.Tensor, classes: Any = None) -> torch.Tensor:
         text = self.class_features() if classes is None else classes
-        image = self.image_features(images)
         local = self.scale() * image @ text.T
         if not self.experts:  # a client's first round: no expert yet, the gate is not used
             return local

@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from open_clip import CLIP
-from open_clip.transformer import text_global_pool
 from torch import nn
+
+from common.model.text import TextTower
 
 HANDCRAFTED_TEMPLATE = "a photo of a {}."
 CONTEXT_TOKEN = "X"
@@ -60,14 +61,7 @@ def encode_embedded(model: CLIP, embeddings: torch.Tensor, tokens: torch.Tensor)
 
     ``tokens`` only locates the pooled (end-of-text) position; the content is ``embeddings``.
     """
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + model.positional_embedding.to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
-    return x
+    return TextTower(model, tokens).from_embeddings(embeddings)
 
 
 class ContextTemplate:
@@ -98,8 +92,10 @@ class ContextTemplate:
             placeholder = encode(CONTEXT_TOKEN)
             if len(placeholder) != 1 or bool((self.tokens[:, 1 : 1 + length] != placeholder[0]).any()):
                 raise ValueError(f"the tokenizer does not give one token per {CONTEXT_TOKEN!r} placeholder")
+        # Only the positions up to the longest prompt's end-of-text token matter (common.model.text).
+        self.tower = TextTower(model, self.tokens)
         with torch.no_grad():
-            self.embedding = model.token_embedding(self.tokens).detach()
+            self.embedding = model.token_embedding(self.tower.tokens).detach()
 
     def embed(self, ctx: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings (P * C, L, width) for context ``ctx`` of shape (P, length, width).
@@ -115,7 +111,5 @@ class ContextTemplate:
 
     def encode(self, model: CLIP, ctx: torch.Tensor) -> torch.Tensor:
         """Unnormalised text features (P, C, D) of every class under each of the P contexts."""
-        prompts = ctx.shape[0]
-        tokens = self.tokens.repeat(prompts, 1)
-        features = encode_embedded(model, self.embed(ctx), tokens)
-        return features.reshape(prompts, self.tokens.shape[0], -1)
+        features = self.tower.from_embeddings(self.embed(ctx))
+        return features.reshape(ctx.shape[0], self.tokens.shape[0], -1)
