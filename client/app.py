@@ -28,6 +28,7 @@ from client.trainer import evaluate, train
 from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData, EvalSet, SeededAugmentation
+from common.data.eval_cache import cacheable, eval_batches, set_budget_mb
 from common.errors import PERMANENT_ERROR_CODE, PermanentError, is_disk_full, one_line
 from common.methods import Method, StepInputs, method_for
 from common.methods.classifiers import Classifier
@@ -92,6 +93,14 @@ class ClientJob:
             dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
             pin_memory=self.device.type == "cuda",
         )
+
+    def eval_batches(self, dataset: Dataset, server_round: int) -> Iterable:
+        """Test images decoded once per process and reused (``common.data.eval_cache``), in large
+        no-grad batches; a dataset without the deterministic test transform goes through a loader."""
+        if cacheable(dataset):
+            set_budget_mb(self.node.eval_cache_mb)
+            return eval_batches(dataset, self.cfg.eval_batch_size)  # type: ignore[arg-type]
+        return self.loader(dataset, shuffle=False, server_round=server_round)
 
     def classifier(self, class_names: list[str], inputs: StepInputs) -> Classifier:
         return self.method.classifier(self.bundle.model, self.bundle.tokenizer, class_names, self.device, inputs)
@@ -236,9 +245,9 @@ def _evaluate(job: ClientJob, msg: Message) -> Message:
         if name not in job.data.evals:
             continue
         eval_set = job.data.evals[name]
-        loader = job.loader(eval_set.dataset, shuffle=False, server_round=server_round)
+        batches = job.eval_batches(eval_set.dataset, server_round)
         # A fresh classifier per set: text features come from this client's current state.
-        result = evaluate(job.classifier(eval_set.class_names, inputs), loader, job.device, job.cfg.amp)
+        result = evaluate(job.classifier(eval_set.class_names, inputs), batches, job.device, job.cfg.amp)
         metrics[f"{name}-accuracy"] = result.accuracy
         if name == "base" and result.hits is not None:  # Base = own classes (Local) + other clients' classes
             other = _other_classes(eval_set, job.data.own_classes)

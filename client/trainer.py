@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from common.data.eval_cache import IMAGE_FEATURES, EvalBatch
 from common.methods.classifiers import Classifier
 
 
@@ -58,16 +60,40 @@ def train(
     return LoopResult(total_loss / seen, correct / seen, seen // epochs)
 
 
+def _image_features(classifier: Classifier, batch: EvalBatch, device: torch.device, amp: bool) -> torch.Tensor:
+    """The batch's normalised image features: from the process's cache when nothing in the image
+    tower trains (the prompt methods, zero-shot), else computed."""
+    images = batch.images.to(device, non_blocking=True)
+    if not classifier.image_tower_fixed():
+        return classifier.image_features(images)
+    setting = (str(device), amp and device.type == "cuda")
+    features = IMAGE_FEATURES.lookup(classifier.model, setting, batch.keys)
+    if features is None:
+        features = classifier.image_features(images)
+        IMAGE_FEATURES.store(classifier.model, setting, batch.keys, features)
+    return features
+
+
 @torch.no_grad()
-def evaluate(classifier: Classifier, loader: DataLoader, device: torch.device, amp: bool = True) -> LoopResult:
-    """Loss and accuracy with the current trainable state (class features computed once here)."""
+def evaluate(
+    classifier: Classifier, batches: Iterable[EvalBatch | tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp: bool = True
+) -> LoopResult:
+    """Loss and accuracy with the current trainable state (class features computed once here).
+
+    ``batches``: :class:`EvalBatch` es from ``common.data.eval_cache`` (decoded images and frozen
+    image features reused across rounds), or (images, labels) pairs from a DataLoader.
+    """
     total_loss, hits = 0.0, []
     classifier.set_training(False)
     with _autocast(device, amp):
         classes = classifier.class_features()
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            logits = classifier.logits(images, classes).float()
+        for batch in batches:
+            if isinstance(batch, EvalBatch):
+                features, labels = _image_features(classifier, batch, device, amp), batch.labels.to(device)
+            else:
+                images, labels = batch[0].to(device), batch[1].to(device)
+                features = classifier.image_features(images)
+            logits = classifier.logits_from_features(features, classes).float()
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             hits.append((logits.argmax(dim=1) == labels).cpu())
     if not hits:

@@ -55,6 +55,7 @@ class RunConfig(BaseModel):
     # local training (each client owns its optimiser; paper: SGD 1e-3, m 0.9, wd 5e-4)
     local_epochs: int = Field(2, gt=0)
     batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(256, gt=0)  # evaluation runs without gradients: larger batches
     learning_rate: float = Field(0.001, gt=0.0)  # pfedmma's SGD
     local_learning_rate: float = Field(0.001, gt=0.0)  # the ablations' SGD: the paper runs them as pfedmma
     fedavg_mma_learning_rate: float = Field(0.001, gt=0.0)
@@ -190,6 +191,8 @@ class NodeConfig(BaseModel):
     data_dir: str = ""
     # Prepared backbone weights, memory-mapped by every later ClientApp process; "" = off.
     cache_dir: str = "~/.cache/pfedmma/backbones"
+    # Memory for decoded evaluation images kept between messages of one process (uint8); 0 = off.
+    eval_cache_mb: int = Field(2048, ge=0)
 
     @model_validator(mode="after")
     def _check_partition(self) -> NodeConfig:

@@ -67,12 +67,30 @@ def train_transform(size: int, mean: Stats, std: Stats, scale_min: float = 0.08)
     return SeededTrainTransform(size, mean, std, scale_min)
 
 
-def test_transform(size: int, mean: Stats, std: Stats) -> T.Compose:
-    return T.Compose(
-        [
-            T.Resize(size, interpolation=InterpolationMode.BICUBIC),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+class TestTransform:
+    """Resize (bicubic) + centre crop + normalisation, in two parts: :meth:`geometry`, the
+    decoded image's uint8 pixels, which an evaluation cache can keep, and :meth:`finish`, the
+    float conversion and normalisation, which runs on a batch. ``__call__`` is both, and gives
+    exactly what ``Compose([Resize, CenterCrop, ToTensor, Normalize])`` gives."""
+
+    def __init__(self, size: int, mean: Stats, std: Stats) -> None:
+        self.size, self.mean, self.std = size, list(mean), list(std)
+        self.geometry_key = ("resize-center-crop-bicubic", size)
+
+    def geometry(self, image: Image.Image) -> torch.Tensor:
+        image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC)
+        return TF.pil_to_tensor(TF.center_crop(image, [self.size, self.size]))
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) to normalised float, as ``ToTensor`` then ``Normalize`` do it."""
+        scaled = pixels.to(torch.get_default_dtype()).div(255)
+        mean = torch.as_tensor(self.mean, dtype=scaled.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=scaled.dtype).view(-1, 1, 1)
+        return scaled.sub(mean).div(std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.finish(self.geometry(image))
+
+
+def test_transform(size: int, mean: Stats, std: Stats) -> TestTransform:
+    return TestTransform(size, mean, std)

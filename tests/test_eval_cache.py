@@ -1,0 +1,105 @@
+"""Evaluation from the process's caches (common.data.eval_cache): bit-identical images, each
+decoded once, a byte budget, and frozen image features reused only where nothing trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import transforms as T
+
+from client.trainer import evaluate
+from common import transforms
+from common.config import RunConfig
+from common.data import eval_cache
+from common.data.base import ImageSource, LabeledDataset
+from common.data.eval_cache import DecodedImages, eval_batches
+from common.methods import StepInputs, method_for
+from common.model.clip import build_clip
+
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+
+
+class CountingSource(ImageSource):
+    """Random RGB images of odd sizes, counting decodes."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.pixels = [rng.integers(0, 256, (int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3), dtype=np.uint8) for _ in range(n)]
+        self.labels = rng.integers(0, 3, n)
+        self.class_names = ["red circle", "blue square", "white ring"]
+        self.decodes = 0
+
+    def image(self, index: int) -> Image.Image:
+        self.decodes += 1
+        return Image.fromarray(self.pixels[index])
+
+
+def test_the_split_test_transform_is_torchvisions_bit_for_bit() -> None:
+    compose = T.Compose([T.Resize(32, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(), T.Normalize(MEAN, STD)])
+    ours, source = transforms.test_transform(32, MEAN, STD), CountingSource(5)
+    for i in range(5):
+        assert torch.equal(ours(source.image(i)), compose(source.image(i)))
+        pixels = ours.geometry(source.image(i))
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
+
+
+def test_batches_equal_the_datasets_items_and_decode_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(1 << 30))
+    source = CountingSource(7)
+    base = LabeledDataset(source, range(7), transforms.test_transform(32, MEAN, STD), {0: 0, 1: 1, 2: 2})
+    local = LabeledDataset(source, [5, 1], transforms.test_transform(32, MEAN, STD), {0: 0, 1: 1, 2: 2})  # another client's view
+    expected = [base[i] for i in range(7)]
+    source.decodes = 0
+    for _ in range(3):
+        batches = list(eval_batches(base, batch_size=3))
+        assert [len(b.labels) for b in batches] == [3, 3, 1]
+        assert torch.equal(torch.cat([b.images for b in batches]), torch.stack([x for x, _ in expected]))
+        assert torch.cat([b.labels for b in batches]).tolist() == [y for _, y in expected]
+    (batch,) = eval_batches(local, batch_size=8)  # same (source, index): no new decode
+    assert torch.equal(batch.images, torch.stack([expected[5][0], expected[1][0]]))
+    assert source.decodes == 7
+
+
+def test_past_the_budget_images_are_decoded_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    one_image = 3 * 32 * 32
+    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(2 * one_image))
+    source = CountingSource(4)
+    dataset = LabeledDataset(source, range(4), transforms.test_transform(32, MEAN, STD))
+    list(eval_batches(dataset, 4))
+    list(eval_batches(dataset, 4))
+    assert source.decodes == 4 + 2 and eval_cache._DECODED.used_bytes == 2 * one_image
+
+
+@pytest.mark.parametrize(("name", "image_fixed"), [("pfedmma", False), ("promptfl", True), ("zeroshot", True)])
+def test_evaluation_from_the_caches_equals_the_dataloader_path(
+    run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch, name: str, image_fixed: bool
+) -> None:
+    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(1 << 30))
+    monkeypatch.setattr(eval_cache, "IMAGE_FEATURES", eval_cache.ImageFeatureCache())
+    monkeypatch.setattr("client.trainer.IMAGE_FEATURES", eval_cache.IMAGE_FEATURES)
+    cfg = RunConfig.from_flower({**run_config, "method": name})
+    method = method_for(cfg)
+    bundle = build_clip(cfg.model_name, cfg.pretrained, init_seed=cfg.seed)
+    method.attach(bundle.model)
+    source = CountingSource(10, seed=1)
+    dataset = LabeledDataset(source, range(10), transforms.test_transform(bundle.image_size, bundle.mean, bundle.std))
+    classifier = method.classifier(bundle.model, bundle.tokenizer, source.class_names, "cpu", StepInputs())
+    assert classifier.image_tower_fixed() is image_fixed
+    calls = []
+    hook = bundle.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    cpu = torch.device("cpu")
+    plain = evaluate(classifier, DataLoader(dataset, batch_size=4), cpu)
+    calls.clear()
+    cached = [evaluate(classifier, eval_batches(dataset, 4), cpu) for _ in range(2)]
+    hook.remove()
+    for result in cached:
+        assert torch.equal(result.hits, plain.hits) and result.num_examples == 10
+        assert result.loss == pytest.approx(plain.loss, rel=1e-6)
+    # A fixed image tower runs once per image across both evaluations; an adapted one every time.
+    assert len(calls) == (3 if image_fixed else 6)
