@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets  # type: ignore[import-untyped]
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner  # type: ignore[import-untyped]
 
 from common.data.base import ImageSource
 from common.seeds import sub_seed
@@ -292,6 +290,11 @@ def _dirichlet(labels: np.ndarray, num_clients: int, beta: float, seed: int) -> 
     """Per-class Dir(beta) split of ``range(len(labels))`` over clients, by flwr-datasets."""
     if num_clients > len(labels):
         raise ValueError(f"num_clients={num_clients} exceeds the {len(labels)} training images to split")
+    # Imported here: datasets + flwr-datasets (and matplotlib through its visualisation module)
+    # cost seconds at import, and only the Dirichlet partition needs them.
+    import datasets  # type: ignore[import-untyped]
+    from flwr_datasets.partitioner import DirichletPartitioner  # type: ignore[import-untyped]
+
     ds = datasets.Dataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
     partitioner = DirichletPartitioner(
         num_partitions=num_clients,
