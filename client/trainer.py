@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common.data.eval_cache import IMAGE_FEATURES, EvalBatch
+from common.data.eval_cache import IMAGE_FEATURES, IMAGE_PREFIX, EvalBatch
 from common.methods.classifiers import Classifier
+from common.model.image import features_from_prefix, frozen_prefix_blocks, prefix_state
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,24 @@ def train(
 
 
 def _image_features(classifier: Classifier, batch: EvalBatch, device: torch.device, amp: bool) -> torch.Tensor:
-    """The batch's normalised image features: from the process's cache when nothing in the image
-    tower trains (the prompt methods, zero-shot), else computed."""
-    images = batch.images.to(device, non_blocking=True)
-    if not classifier.image_tower_fixed():
-        return classifier.image_features(images)
-    setting = (str(device), amp and device.type == "cuda")
-    features = IMAGE_FEATURES.lookup(classifier.model, setting, batch.keys)
-    if features is None:
-        features = classifier.image_features(images)
-        IMAGE_FEATURES.store(classifier.model, setting, batch.keys, features)
-    return features
+    """The batch's normalised image features, reusing what never changes for a test image: the
+    whole feature when nothing in the image tower trains (prompt methods, zero-shot), else the
+    hidden state after the frozen blocks before the first adapter (``common.model.image``)."""
+    model, setting = classifier.model, (str(device), amp and device.type == "cuda")
+    if classifier.image_tower_fixed():
+        features = IMAGE_FEATURES.lookup(model, setting, batch.keys)
+        if features is None:
+            features = classifier.image_features(batch.images.to(device, non_blocking=True))
+            IMAGE_FEATURES.store(model, setting, batch.keys, features)
+        return features
+    blocks = frozen_prefix_blocks(model)
+    if blocks == 0:
+        return classifier.image_features(batch.images.to(device, non_blocking=True))
+    state = IMAGE_PREFIX.lookup(model, (*setting, blocks), batch.keys)
+    if state is None:
+        state = prefix_state(model, batch.images.to(device, non_blocking=True), blocks)
+        IMAGE_PREFIX.store(model, (*setting, blocks), batch.keys, state)
+    return F.normalize(features_from_prefix(model, state, blocks), dim=-1)
 
 
 @torch.no_grad()

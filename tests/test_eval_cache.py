@@ -18,9 +18,10 @@ from common import transforms
 from common.config import RunConfig
 from common.data import eval_cache
 from common.data.base import ImageSource, LabeledDataset
-from common.data.eval_cache import DecodedImages, eval_batches
+from common.data.eval_cache import Budget, DecodedImages, RowCache, eval_batches
 from common.methods import StepInputs, method_for
 from common.model.clip import build_clip
+from common.model.image import features_from_prefix, frozen_prefix_blocks, prefix_state
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
@@ -50,7 +51,7 @@ def test_the_split_test_transform_is_torchvisions_bit_for_bit() -> None:
 
 
 def test_batches_equal_the_datasets_items_and_decode_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(1 << 30))
+    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(Budget(1 << 30)))
     source = CountingSource(7)
     base = LabeledDataset(source, range(7), transforms.test_transform(32, MEAN, STD), {0: 0, 1: 1, 2: 2})
     local = LabeledDataset(source, [5, 1], transforms.test_transform(32, MEAN, STD), {0: 0, 1: 1, 2: 2})  # another client's view
@@ -68,21 +69,21 @@ def test_batches_equal_the_datasets_items_and_decode_once(monkeypatch: pytest.Mo
 
 def test_past_the_budget_images_are_decoded_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
     one_image = 3 * 32 * 32
-    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(2 * one_image))
+    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(Budget(2 * one_image)))
     source = CountingSource(4)
     dataset = LabeledDataset(source, range(4), transforms.test_transform(32, MEAN, STD))
     list(eval_batches(dataset, 4))
     list(eval_batches(dataset, 4))
-    assert source.decodes == 4 + 2 and eval_cache._DECODED.used_bytes == 2 * one_image
+    assert source.decodes == 4 + 2 and eval_cache._DECODED.budget.used_bytes == 2 * one_image
 
 
 @pytest.mark.parametrize(("name", "image_fixed"), [("pfedmma", False), ("promptfl", True), ("zeroshot", True)])
 def test_evaluation_from_the_caches_equals_the_dataloader_path(
     run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch, name: str, image_fixed: bool
 ) -> None:
-    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(1 << 30))
-    monkeypatch.setattr(eval_cache, "IMAGE_FEATURES", eval_cache.ImageFeatureCache())
-    monkeypatch.setattr("client.trainer.IMAGE_FEATURES", eval_cache.IMAGE_FEATURES)
+    monkeypatch.setattr(eval_cache, "_DECODED", DecodedImages(Budget(1 << 30)))
+    for cache in ("IMAGE_FEATURES", "IMAGE_PREFIX"):
+        monkeypatch.setattr(f"client.trainer.{cache}", RowCache(Budget(1 << 30)))
     cfg = RunConfig.from_flower({**run_config, "method": name})
     method = method_for(cfg)
     bundle = build_clip(cfg.model_name, cfg.pretrained, init_seed=cfg.seed)
@@ -91,15 +92,33 @@ def test_evaluation_from_the_caches_equals_the_dataloader_path(
     dataset = LabeledDataset(source, range(10), transforms.test_transform(bundle.image_size, bundle.mean, bundle.std))
     classifier = method.classifier(bundle.model, bundle.tokenizer, source.class_names, "cpu", StepInputs())
     assert classifier.image_tower_fixed() is image_fixed
-    calls = []
-    hook = bundle.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    blocks = bundle.model.visual.transformer.resblocks
+    calls: list[str] = []
+    hooks = [blocks[0].register_forward_hook(lambda *_: calls.append("first")),
+             blocks[-1].register_forward_hook(lambda *_: calls.append("last"))]
     cpu = torch.device("cpu")
     plain = evaluate(classifier, DataLoader(dataset, batch_size=4), cpu)
     calls.clear()
     cached = [evaluate(classifier, eval_batches(dataset, 4), cpu) for _ in range(2)]
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     for result in cached:
         assert torch.equal(result.hits, plain.hits) and result.num_examples == 10
         assert result.loss == pytest.approx(plain.loss, rel=1e-6)
-    # A fixed image tower runs once per image across both evaluations; an adapted one every time.
-    assert len(calls) == (3 if image_fixed else 6)
+    # Over two evaluations of 3 batches: a fixed image tower runs once per image; an adapted one
+    # (blocks 2..4) reuses the frozen block 1's output and runs its adapted blocks every time.
+    assert calls.count("first") == 3
+    assert calls.count("last") == (3 if image_fixed else 6)
+
+
+def test_the_split_image_tower_is_encode_image(run_config: dict[str, Any]) -> None:
+    cfg = RunConfig.from_flower({**run_config, "method": "pfedmma", "adapter-start": 3})
+    bundle = build_clip(cfg.model_name, cfg.pretrained, init_seed=cfg.seed)
+    method_for(cfg).attach(bundle.model)
+    assert frozen_prefix_blocks(bundle.model) == 2
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        split = features_from_prefix(bundle.model, prefix_state(bundle.model, images, 2), 2)
+        torch.testing.assert_close(split, bundle.model.encode_image(images), rtol=0, atol=0)
+    bundle.model.visual.conv1.weight.requires_grad_(True)  # a trainable patch embedding: nothing to reuse
+    assert frozen_prefix_blocks(bundle.model) == 0
