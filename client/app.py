@@ -14,6 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -24,7 +25,7 @@ from client.guards import check_received, clip_for_dp
 from client.runtime import initial_private, pick_device, shard, shared_model
 from client.state_lock import exclusive
 from client.state_store import PrivateStateStore
-from client.trainer import evaluate, train
+from client.trainer import class_features, evaluate, train
 from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData, EvalSet, SeededAugmentation
@@ -241,13 +242,20 @@ def _evaluate(job: ClientJob, msg: Message) -> Message:
     metrics = MetricRecord(
         {"partition-id": job.node.partition_id, "num-partitions": job.node.num_partitions, "skipped-images": job.skipped_images}
     )
+    # One classifier and one set of text features per class list (Local, Val and Base share the
+    # training classes), from this client's current state.
+    classifiers: dict[tuple[str, ...], tuple[Classifier, Any]] = {}
     for name in wanted:
         if name not in job.data.evals:
             continue
         eval_set = job.data.evals[name]
+        key = tuple(eval_set.class_names)
+        if key not in classifiers:
+            classifier = job.classifier(eval_set.class_names, inputs)
+            classifiers[key] = (classifier, class_features(classifier, job.device, job.cfg.amp))
+        classifier, text = classifiers[key]
         batches = job.eval_batches(eval_set.dataset, server_round)
-        # A fresh classifier per set: text features come from this client's current state.
-        result = evaluate(job.classifier(eval_set.class_names, inputs), batches, job.device, job.cfg.amp)
+        result = evaluate(classifier, batches, job.device, job.cfg.amp, text)
         metrics[f"{name}-accuracy"] = result.accuracy
         if name == "base" and result.hits is not None:  # Base = own classes (Local) + other clients' classes
             other = _other_classes(eval_set, job.data.own_classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +84,23 @@ def _image_features(classifier: Classifier, batch: EvalBatch, device: torch.devi
 
 
 @torch.no_grad()
+def class_features(classifier: Classifier, device: torch.device, amp: bool = True) -> Any:
+    """The classifier's per-class state for evaluation, computed as :func:`evaluate` would."""
+    classifier.set_training(False)
+    with _autocast(device, amp):
+        return classifier.class_features()
+
+
+@torch.no_grad()
 def evaluate(
-    classifier: Classifier, batches: Iterable[EvalBatch | tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp: bool = True
+    classifier: Classifier,
+    batches: Iterable[EvalBatch | tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    amp: bool = True,
+    classes: Any = None,
 ) -> LoopResult:
-    """Loss and accuracy with the current trainable state (class features computed once here).
+    """Loss and accuracy with the current trainable state; the class features are ``classes``
+    (from :func:`class_features`, for sets that share a class list) or computed once here.
 
     ``batches``: :class:`EvalBatch` es from ``common.data.eval_cache`` (decoded images and frozen
     image features reused across rounds), or (images, labels) pairs from a DataLoader.
@@ -94,7 +108,7 @@ def evaluate(
     total_loss, hits = 0.0, []
     classifier.set_training(False)
     with _autocast(device, amp):
-        classes = classifier.class_features()
+        classes = classifier.class_features() if classes is None else classes
         for batch in batches:
             if isinstance(batch, EvalBatch):
                 features, labels = _image_features(classifier, batch, device, amp), batch.labels.to(device)

@@ -122,3 +122,29 @@ def test_the_split_image_tower_is_encode_image(run_config: dict[str, Any]) -> No
         torch.testing.assert_close(split, bundle.model.encode_image(images), rtol=0, atol=0)
     bundle.model.visual.conv1.weight.requires_grad_(True)  # a trainable patch embedding: nothing to reuse
     assert frozen_prefix_blocks(bundle.model) == 0
+
+
+def test_an_evaluation_message_computes_text_features_once_per_class_list(
+    run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.app import app
+    from common.methods.classifiers import HandcraftedPromptClassifier
+    from common.model.roles import Role
+    from tests.flower_messages import context, instruction
+
+    computed: list[int] = []
+    original = HandcraftedPromptClassifier.class_features
+
+    def counted(self: HandcraftedPromptClassifier) -> torch.Tensor:
+        computed.append(len(self.class_names))
+        return original(self)
+
+    monkeypatch.setattr(HandcraftedPromptClassifier, "class_features", counted)
+    cfg = RunConfig.from_flower(run_config)
+    shared = method_for(cfg).initial_state()[Role.SHARED]
+    ctx = context(run_config, 0)
+    reply = app(instruction(shared, "evaluate", 1, ctx.node_id), ctx)
+    metrics = reply.content.metric_records["metrics"]
+    assert {"local-accuracy", "base-accuracy", "novel-accuracy"} <= set(metrics)
+    # Local and Base share the base classes; Novel has its own: two computations, not three.
+    assert len(computed) == 2
