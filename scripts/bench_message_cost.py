@@ -105,7 +105,7 @@ class Deployment:
         self.port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start_all(self, nodes: int, backbone_cache: bool = True) -> None:
+    def start_all(self, nodes: int, backbone_cache: bool = True, warm_worker: bool = False) -> None:
         self.start("superlink", "link", "flower-superlink", "--insecure", "--isolation", "process",
                    "--port", str(self.port), "--disable-runtime-dependency-installation")
         self.start("superlink-superexec", "link", "flower-superexec", "--insecure",
@@ -117,7 +117,8 @@ class Deployment:
             cache = self.work / f"backbones-{i}" if backbone_cache else ""
             self.start(f"supernode-{i}", f"node{i}", "flower-supernode", "--insecure",
                        "--superlink", f"127.0.0.1:{self.port}", "--isolation", "process", "--port", str(runtime),
-                       "--node-config", f"partition-id={i} num-partitions={nodes} state-dir='{state}' cache-dir='{cache}'")
+                       "--node-config", f"partition-id={i} num-partitions={nodes} state-dir='{state}' cache-dir='{cache}' "
+                       f"warm-worker={'true' if warm_worker else 'false'} warm-worker-dir='{self.work / f'warm-{i}'}'")
             self.start(f"supernode-{i}-superexec", f"node{i}", "flower-superexec", "--insecure",
                        "--runtime-api-address", f"127.0.0.1:{runtime}")
         self.home("ops").joinpath("config.toml").write_text(
@@ -199,8 +200,9 @@ IMPORTS = {
     "noop.client_app": "the no-op ClientApp: Python + Flower",
     "torch": "PyTorch",
     "open_clip": "open_clip (+ torchvision)",
-    "common.data.partition": "our partitioning (+ datasets, flwr-datasets)",
-    "client.app": "the pFedMMA ClientApp module",
+    "common.data.partition": "our partitioning (datasets, flwr-datasets only when a Dirichlet split runs)",
+    "client.app": "the pFedMMA ClientApp module (Flower only; the work is client.work)",
+    "client.work": "the ClientApp's work, as the warm worker or the in-process path loads it",
 }
 
 
@@ -278,6 +280,59 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return dict(parse_config_args([text])) if text.strip() else {}
 
 
+def measure(work: Path, args: argparse.Namespace, ours_cfg: str, noop_cfg: str, warm: bool) -> dict[str, Any]:
+    """pFedMMA then the no-op app in one fresh deployment; per-round seconds, walls, breakdown."""
+    work.mkdir(parents=True)
+    deployment = Deployment(work)
+    try:
+        deployment.start_all(args.nodes, backbone_cache=not args.no_backbone_cache, warm_worker=warm)
+        print(f"running pFedMMA for {args.rounds} rounds on {args.nodes} SuperNodes, warm worker {'on' if warm else 'off'} ...",
+              flush=True)
+        ours_wall = deployment.run(REPO, ours_cfg, args.timeout)
+        (run_dir,) = (work / "runs").iterdir()
+        ours_rows = wait_rows(run_dir / "metrics.jsonl", args.rounds, 120)
+        check_replies("pFedMMA", ours_rows, args.nodes)
+        ours = [float(r["seconds"]) for r in ours_rows]
+        print(f"running the no-op app for {args.rounds} rounds ...", flush=True)
+        noop_wall = deployment.run(NOOP_APP, noop_cfg, args.timeout)
+        noop_rows = wait_rows(work / "noop-times.jsonl", args.rounds, 120)
+        check_replies("no-op", noop_rows, args.nodes)
+        noop = [float(r["seconds"]) for r in noop_rows]
+    finally:
+        deployment.close()
+    steady = slice(1, None) if args.rounds > 1 else slice(None)  # round 1 also installs the app on each node
+    mean_ours, mean_noop = statistics.mean(ours[steady]), statistics.mean(noop[steady])
+    return {
+        "pfedmma-seconds": ours, "noop-seconds": noop, "mean-steady": {"pfedmma": mean_ours, "noop": mean_noop},
+        "ratio": mean_ours / mean_noop, "difference": mean_ours - mean_noop,
+        "wall": {"pfedmma": ours_wall, "noop": noop_wall}, "per-message": message_breakdown(work, args.nodes, args.rounds),
+    }
+
+
+def report(label: str, result: dict[str, Any], rounds: int) -> None:
+    ours, noop = result["pfedmma-seconds"], result["noop-seconds"]
+    mean_ours, mean_noop = result["mean-steady"]["pfedmma"], result["mean-steady"]["noop"]
+    print()
+    print(f"pFedMMA {label}:")
+    print("| round | pFedMMA (s) | no-op (s) | difference (s) |")
+    print("|---:|---:|---:|---:|")
+    for i, (a, b) in enumerate(zip(ours, noop, strict=True), start=1):
+        print(f"| {i} | {a:.2f} | {b:.2f} | {a - b:.2f} |")
+    span = f"rounds 2..{rounds}" if rounds > 1 else "mean"
+    print(f"| **mean, {span}** | **{mean_ours:.2f}** | **{mean_noop:.2f}** | **{mean_ours - mean_noop:.2f}** |")
+    print(f"ratio pFedMMA / no-op: {result['ratio']:.2f}x; above the floor: {result['difference']:.2f} s per round")
+    print(f"whole runs (flwr run, submit to end of stream): pFedMMA {result['wall']['pfedmma']:.1f} s, "
+          f"no-op {result['wall']['noop']:.1f} s")
+    breakdown = result["per-message"]
+    if all(breakdown.values()):
+        print("per message on a SuperNode (median, first message left out):")
+        print("| | until the ClientApp process is up (s) | from there to the reply (s) | on the node in all (s) |")
+        print("|---|---:|---:|---:|")
+        for app, name in (("pfedmma", "pFedMMA"), ("noop", "no-op")):
+            part = breakdown[app]
+            print(f"| {name} | {part['pickup']:.2f} | {part['clientapp']:.2f} | {part['on-node']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per app (default 5)")
@@ -289,6 +344,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, run directory)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per app run")
+    parser.add_argument("--paths", nargs="+", choices=("in-process", "warm"), default=["in-process", "warm"],
+                        help="which ClientApp paths to measure, each in its own deployment with its own no-op run")
     parser.add_argument("--no-backbone-cache", action="store_true",
                         help="node config cache-dir='': every message builds the backbone instead of memory-mapping it")
     args = parser.parse_args()
@@ -313,49 +370,15 @@ def main() -> None:
     print(f"payload: {num_tensors} shared tensors, {num_values:,} float32 values ({num_values * 4 / 1024:.1f} KiB)",
           flush=True)
 
-    deployment = Deployment(work)
-    try:
-        deployment.start_all(args.nodes, backbone_cache=not args.no_backbone_cache)
-        print(f"running pFedMMA for {args.rounds} rounds on {args.nodes} SuperNodes ...", flush=True)
-        ours_wall = deployment.run(REPO, ours_cfg, args.timeout)
-        (run_dir,) = (work / "runs").iterdir()
-        ours_rows = wait_rows(run_dir / "metrics.jsonl", args.rounds, 120)
-        check_replies("pFedMMA", ours_rows, args.nodes)
-        ours = [float(r["seconds"]) for r in ours_rows]
-        print(f"running the no-op app for {args.rounds} rounds ...", flush=True)
-        noop_wall = deployment.run(NOOP_APP, noop_cfg, args.timeout)
-        noop_rows = wait_rows(work / "noop-times.jsonl", args.rounds, 120)
-        check_replies("no-op", noop_rows, args.nodes)
-        noop = [float(r["seconds"]) for r in noop_rows]
-    finally:
-        deployment.close()
-    breakdown = message_breakdown(work, args.nodes, args.rounds)
+    results = {}
+    for path in args.paths:
+        label = {"in-process": "in the ClientApp process (warm-worker=false)", "warm": "with the warm worker"}[path]
+        results[path] = measure(work / path, args, ours_cfg.replace(str(work / "runs"), str(work / path / "runs")),
+                                noop_cfg.replace(str(work), str(work / path)), warm=path == "warm")
+        report(label, results[path], args.rounds)
     # What a fresh ClientApp process pays before its handler runs (each figure includes the ones above it).
     imports = {module: import_seconds(module) for module in IMPORTS}
     builds = build_seconds(resolved, work)
-
-    steady = slice(1, None) if args.rounds > 1 else slice(None)  # round 1 also installs the app on each node
-    mean_ours, mean_noop = statistics.mean(ours[steady]), statistics.mean(noop[steady])
-    print()
-    print("| round | pFedMMA (s) | no-op (s) | difference (s) |")
-    print("|---:|---:|---:|---:|")
-    for i, (a, b) in enumerate(zip(ours, noop, strict=True), start=1):
-        print(f"| {i} | {a:.2f} | {b:.2f} | {a - b:.2f} |")
-    label = "rounds 2.." if args.rounds > 1 else "mean"
-    print(f"| **mean, {label}{args.rounds if args.rounds > 1 else ''}** | **{mean_ours:.2f}** | **{mean_noop:.2f}** "
-          f"| **{mean_ours - mean_noop:.2f}** |")
-    print()
-    print(f"ratio pFedMMA / no-op: {mean_ours / mean_noop:.2f}x; pFedMMA above the floor: {mean_ours - mean_noop:.2f} s per round")
-    print(f"whole runs (flwr run, submit to end of stream): pFedMMA {ours_wall:.1f} s, no-op {noop_wall:.1f} s")
-    print(f"load average after: {load()} (other work on the machine inflates every figure)")
-    if all(breakdown.values()):
-        print()
-        print("per message on a SuperNode (median, first message left out):")
-        print("| | until the ClientApp process is up (s) | from there to the reply (s) | on the node in all (s) |")
-        print("|---|---:|---:|---:|")
-        for app, name in (("pfedmma", "pFedMMA"), ("noop", "no-op")):
-            part = breakdown[app]
-            print(f"| {name} | {part['pickup']:.2f} | {part['clientapp']:.2f} | {part['on-node']:.2f} |")
     print()
     print("fresh-interpreter import times (median of 3):")
     for module, seconds in imports.items():
@@ -365,14 +388,15 @@ def main() -> None:
     for name, built in builds.items():
         shown = "n/a" if built is None else f"{built:6.2f} s"
         print(f"  {name:<13} {shown}")
+    print()
+    print(f"load average after: {load()} (other work on the machine inflates every figure)")
+    for path, result in results.items():
+        print(f"ratio pFedMMA / no-op, {path}: {result['ratio']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({
-            "cpu-cores": os.cpu_count(), "nodes": args.nodes, "backbone-cache": not args.no_backbone_cache, "rounds": args.rounds, "run-config": args.run_config,
-            "payload-values": num_values, "pfedmma-seconds": ours, "noop-seconds": noop,
-            "mean-steady": {"pfedmma": mean_ours, "noop": mean_noop},
-            "ratio": mean_ours / mean_noop, "difference": mean_ours - mean_noop,
-            "wall": {"pfedmma": ours_wall, "noop": noop_wall}, "import-seconds": imports,
-            "per-message": breakdown, "build-seconds": builds,
+            "cpu-cores": os.cpu_count(), "nodes": args.nodes, "backbone-cache": not args.no_backbone_cache,
+            "rounds": args.rounds, "run-config": args.run_config, "payload-values": num_values,
+            "paths": results, "import-seconds": imports, "build-seconds": builds,
         }, indent=2) + "\n")
     if args.keep:
         print(f"logs and run directory kept in {work}")

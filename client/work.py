@@ -1,0 +1,284 @@
+"""What the ClientApp does with a message, one for every method (``client.app`` registers it with
+Flower and may hand it to a warm worker, ``client.warm``, which runs this same code).
+
+Train: load the global shared tensors, restore this client's private tensors, train E local
+epochs with this client's own optimiser on the method's loss, store the private tensors, and
+reply with the shared tensors only. Evaluate: accuracy with the tensors the server sent and
+this client's private ones. What is shared or private is the method's role table
+(``common/methods``); nothing here depends on which method runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from torch.utils.data import DataLoader, Dataset
+
+from client.guards import check_received, clip_for_dp
+from client.runtime import initial_private, pick_device, shard, shared_model
+from client.state_lock import exclusive
+from client.state_store import PrivateStateStore
+from client.trainer import class_features, evaluate, train
+from common.arrays import from_record, to_record
+from common.config import NodeConfig, RunConfig
+from common.data.base import ClientData, EvalSet, SeededAugmentation
+from common.data.eval_cache import cacheable, eval_batches, set_budget_mb
+from common.errors import PERMANENT_ERROR_CODE, PermanentError, is_disk_full, one_line
+from common.methods import Method, StepInputs, method_for
+from common.methods.classifiers import Classifier
+from common.model.clip import ClipBundle
+from common.model.roles import Role
+from common.seeds import sub_seed
+
+log = logging.getLogger(__name__)
+
+PRIVATE_SOURCES = ("init", "context", "disk")  # "context" (context.state) is no longer used: see state_store
+# Independent random streams of one (seed, client, round): the loader's order, the method's
+# own draws (dropout), the image augmentations.
+STREAMS = {"shuffle": 0, "method": 1, "augment": 2}
+SHARED_RECORD = "arrays"  # the record holding the shared tensors, in both directions
+
+
+@dataclass
+class ClientJob:
+    """One message's worth of client work: config, method, model, data and private store."""
+
+    cfg: RunConfig
+    node: NodeConfig
+    method: Method
+    device: torch.device
+    bundle: ClipBundle
+    data: ClientData
+    store: PrivateStateStore
+    skipped_images: int = 0  # image files of the shard left out under skip-corrupt
+
+    @classmethod
+    def from_context(cls, context: Context, namespace: str = "") -> ClientJob:
+        """``namespace`` names the private-state files; the server sends it with each message."""
+        cfg = RunConfig.from_flower(context.run_config)
+        node = NodeConfig.from_flower(context.node_config)
+        method = method_for(cfg)
+        device = pick_device()
+        bundle = shared_model(cfg, device, node.cache_dir)
+        checked = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
+        namespace = namespace or cfg.experiment_name or f"run-{context.run_id}"
+        store = PrivateStateStore(node.resolved_state_dir(cfg), namespace, node.partition_id, method.fingerprint())
+        return cls(cfg, node, method, device, bundle, checked.data, store, len(checked.skipped_files))
+
+    def load_state(self, received: Mapping[str, torch.Tensor]) -> str:
+        """Global shared tensors from the message (refused if non-finite or implausible), private
+        ones from the store (or the init)."""
+        roles, model = self.method.roles, self.bundle.model
+        check_received(received, self.cfg.max_parameter_abs, "global shared tensor")
+        roles.load(model, Role.SHARED, received)
+        private, source = self.store.load()
+        roles.load(model, Role.PRIVATE, private if private is not None else initial_private(self.cfg))
+        return source
+
+    def seed(self, server_round: int, stream: int) -> int:
+        """An independent seed per (run seed, client, round, stream): no draw from a global RNG."""
+        return sub_seed(self.cfg.seed, self.node.partition_id, server_round, stream)
+
+    def loader(self, dataset: Dataset, shuffle: bool, server_round: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed(server_round, STREAMS["shuffle"]))
+        return DataLoader(
+            dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def eval_batches(self, dataset: Dataset, server_round: int) -> Iterable:
+        """Test images decoded once per process and reused (``common.data.eval_cache``), in large
+        no-grad batches; a dataset without the deterministic test transform goes through a loader."""
+        if cacheable(dataset):
+            set_budget_mb(self.node.eval_cache_mb)
+            return eval_batches(dataset, self.cfg.eval_batch_size)  # type: ignore[arg-type]
+        return self.loader(dataset, shuffle=False, server_round=server_round)
+
+    def classifier(self, class_names: list[str], inputs: StepInputs) -> Classifier:
+        return self.method.classifier(self.bundle.model, self.bundle.tokenizer, class_names, self.device, inputs)
+
+
+def _shared_arrays(msg: Message) -> ArrayRecord:
+    records = msg.content.array_records
+    if SHARED_RECORD not in records:
+        raise ValueError(f"expected an ArrayRecord {SHARED_RECORD!r} of shared tensors, got {sorted(records)}")
+    return records[SHARED_RECORD]
+
+
+def _step_inputs(msg: Message, job: ClientJob, server_round: int) -> StepInputs:
+    """The message's extra tensor records (only those the method expects) and a seeded generator."""
+    extras = {name: record for name, record in msg.content.array_records.items() if name != SHARED_RECORD}
+    unexpected = sorted(set(extras) - set(job.method.extra_records))
+    if unexpected:
+        raise ValueError(
+            f"method {job.method.name!r} takes records {list(job.method.extra_records)} besides "
+            f"{SHARED_RECORD!r}; the message also has {unexpected}"
+        )
+    generator = torch.Generator().manual_seed(job.seed(server_round, STREAMS["method"]))
+    tensors = {name: from_record(record) for name, record in extras.items()}
+    for name, record in tensors.items():
+        check_received(record, job.cfg.max_parameter_abs, f"{name!r} tensor")
+    return StepInputs(tensors, generator)
+
+
+def _other_classes(eval_set: EvalSet, own: Iterable[int]) -> torch.Tensor:
+    """Which examples of ``eval_set`` (in order) belong to classes outside ``own``."""
+    labels = torch.as_tensor([eval_set.dataset.label(i) for i in range(len(eval_set.dataset))])
+    return ~torch.isin(labels, torch.as_tensor(list(own), dtype=labels.dtype))
+
+
+def permanent_errors_replied(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn an error this client would repeat every round (bad config, missing or unreadable
+    data, an unusable private state or checkpoint, a full disk) into an error reply the server
+    reads as permanent, one line naming the client; other exceptions propagate to Flower,
+    which reports them as (possibly transient) ClientApp failures."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            if not isinstance(exc, PermanentError) and not is_disk_full(exc):
+                raise
+            partition = context.node_config.get("partition-id")
+            reason = f"client {partition}: {one_line(exc)}" if partition is not None else one_line(exc)
+            log.error("%s (permanent: the server stops the run after this round)", reason)
+            return Message(Error(code=PERMANENT_ERROR_CODE, reason=reason), reply_to=msg)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def _one_writer(job: ClientJob, msg: Message, context: Context, final: bool) -> Iterator[None]:
+    """This message's hold on the client's private-state namespace (none for a method with
+    nothing private): a second run using the same namespace is refused (client.state_lock)."""
+    if not initial_private(job.cfg):
+        yield
+        return
+    owners = frozenset(int(r) for r in str(_config(msg).get("state-owners", "")).split(",") if r.strip().isdigit())
+    with exclusive(job.store.lock_path, context.run_id, owners, 2 * job.cfg.round_timeout, release=final):
+        yield
+
+
+def _config(msg: Message) -> dict:
+    config = msg.content.config_records.get("config")
+    return dict(config) if config else {}
+
+
+def _round(msg: Message) -> int:
+    return int(_config(msg).get("server-round", 0))
+
+
+@permanent_errors_replied
+def train_handler(msg: Message, context: Context) -> Message:
+    job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
+    if not job.method.trains:
+        raise ValueError(f"method {job.method.name!r} trains nothing; the server should not ask it to")
+    with _one_writer(job, msg, context, final=False):
+        return _train(job, msg)
+
+
+def _train(job: ClientJob, msg: Message) -> Message:
+    received = from_record(_shared_arrays(msg))
+    source = job.load_state(received)
+    server_round = _round(msg)
+    log.info("client %d round %d: private state from %s", job.node.partition_id, server_round, source)
+    model, roles = job.bundle.model, job.method.roles
+    optimizer = job.method.optimizer(model)
+    augmented = SeededAugmentation(job.data.train, job.seed(server_round, STREAMS["augment"]))
+    loader = job.loader(augmented, shuffle=True, server_round=server_round)
+    classifier = job.classifier(job.data.class_names, _step_inputs(msg, job, server_round))
+    result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
+    job.store.save(roles.state(model, Role.PRIVATE))  # only if finite; else DivergedError, nothing sent
+    shared = clip_for_dp(roles.state(model, Role.SHARED), received, _config(msg), job.cfg.dp)
+    check_received(shared, float("inf"), "trained shared tensor")  # a NaN is never sent
+    # The reply is built from the shared role alone: private tensors never enter a Message.
+    content = RecordDict(
+        {
+            SHARED_RECORD: to_record(shared),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "train-loss": result.loss,
+                    "train-accuracy": result.accuracy,
+                    "partition-id": job.node.partition_id,
+                    "num-partitions": job.node.num_partitions,
+                    # Where the private tensors came from (0 init, 1 context.state, 2 disk):
+                    # lets the server see a restarted node resume rather than re-initialise.
+                    "private-source": PRIVATE_SOURCES.index(source),
+                    "skipped-images": job.skipped_images,
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@permanent_errors_replied
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Local accuracy every time; Base/Novel when the server asks for the full protocol."""
+    job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
+    with _one_writer(job, msg, context, final=_round(msg) >= job.cfg.num_server_rounds):
+        return _evaluate(job, msg)
+
+
+def _evaluate(job: ClientJob, msg: Message) -> Message:
+    job.load_state(from_record(_shared_arrays(msg)))
+    server_round = _round(msg)
+    inputs = _step_inputs(msg, job, server_round)
+    full = bool(_config(msg).get("full-eval", True))
+    wanted = ("local", "val", "base", "novel") if full else ("local", "val")
+    metrics = MetricRecord(
+        {"partition-id": job.node.partition_id, "num-partitions": job.node.num_partitions, "skipped-images": job.skipped_images}
+    )
+    # One classifier and one set of text features per class list (Local, Val and Base share the
+    # training classes), from this client's current state.
+    classifiers: dict[tuple[str, ...], tuple[Classifier, Any]] = {}
+    for name in wanted:
+        if name not in job.data.evals:
+            continue
+        eval_set = job.data.evals[name]
+        key = tuple(eval_set.class_names)
+        if key not in classifiers:
+            classifier = job.classifier(eval_set.class_names, inputs)
+            classifiers[key] = (classifier, class_features(classifier, job.device, job.cfg.amp))
+        classifier, text = classifiers[key]
+        batches = job.eval_batches(eval_set.dataset, server_round)
+        result = evaluate(classifier, batches, job.device, job.cfg.amp, text)
+        metrics[f"{name}-accuracy"] = result.accuracy
+        if name == "base" and result.hits is not None:  # Base = own classes (Local) + other clients' classes
+            other = _other_classes(eval_set, job.data.own_classes)
+            if other.any():
+                metrics["base-other-accuracy"] = result.hits[other].float().mean().item()
+        if name == "local":
+            metrics["local-loss"] = result.loss
+            metrics["num-examples"] = result.num_examples
+    content = RecordDict({"metrics": metrics})
+    if job.data.domain is not None:
+        content["client"] = ConfigRecord({"domain": job.data.domain})
+    return Message(content=content, reply_to=msg)
+
+
+def query_handler(msg: Message, context: Context) -> Message:
+    """Which client this node is: servers that address clients individually map node ids with it."""
+    node = NodeConfig.from_flower(context.node_config)
+    metrics = MetricRecord({"partition-id": node.partition_id, "num-partitions": node.num_partitions})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+HANDLERS = {"train": train_handler, "evaluate": evaluate_handler, "query": query_handler}
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """The reply to ``msg``, by its message type (Flower's ``train``, ``evaluate``, ``query``)."""
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind not in HANDLERS:
+        raise ValueError(f"message type {msg.metadata.message_type!r}: this ClientApp handles {sorted(HANDLERS)}")
+    return HANDLERS[kind](msg, context)

@@ -1,0 +1,140 @@
+"""The node's warm worker (client.warm, client.worker), with real worker processes: the same
+replies as the ClientApp process, one worker reused across messages, a dead worker replaced,
+trouble degrading to the in-process path, a private socket directory, and idle exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from client import warm
+from common.arrays import from_record
+from common.config import RunConfig
+from common.errors import PERMANENT_ERROR_CODE
+from common.methods import method_for
+from common.model.roles import Role
+from tests.flower_messages import instruction
+
+
+def _workers(directory: Path) -> list[int]:
+    """Pids of the worker processes serving sockets in ``directory``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"client.worker" in cmdline and str(directory).encode() in cmdline:
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    directory = tmp_path / "warm"
+    yield directory
+    for pid in _workers(directory):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _context(run_config: dict[str, Any], directory: Path, state: Path, **node: Any) -> Context:
+    node_config = {"partition-id": 0, "num-partitions": 3, "warm-worker-dir": str(directory), **node}
+    return Context(run_id=5, node_id=100, node_config=node_config, state=RecordDict(), run_config={**run_config, "state-dir": str(state)})
+
+
+def _shared(run_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return method_for(RunConfig.from_flower(run_config)).initial_state()[Role.SHARED]
+
+
+def test_the_warm_path_replies_as_the_clientapp_process_and_keeps_one_worker(
+    run_config: dict[str, Any], tmp_path: Path, node: Path
+) -> None:
+    from client.work import handle
+
+    shared = _shared(run_config)
+    here = _context(run_config, node, tmp_path / "state-here")
+    there = _context(run_config, node, tmp_path / "state-warm", **{"warm-worker-idle": 60})
+    for server_round in (1, 2):
+        expected = handle(instruction(shared, "train", server_round, 100), here)
+        got = warm.handle(instruction(shared, "train", server_round, 100), there)
+        assert got is not None and not got.has_error()
+        assert got.metadata.reply_to_message_id == f"train-{server_round}-100"
+        sent, want = from_record(got.content.array_records["arrays"]), from_record(expected.content.array_records["arrays"])
+        assert set(sent) == set(shared)  # shared tensors only: nothing private leaves the worker either
+        assert all(torch.equal(sent[k], want[k]) for k in want)
+        assert dict(got.content.metric_records["metrics"]) == dict(expected.content.metric_records["metrics"])
+    assert dict(got.content.metric_records["metrics"])["private-source"] == 2  # read from the node's disk
+    evaluated = warm.handle(instruction(shared, "evaluate", 2, 100), there)
+    assert evaluated is not None
+    assert dict(evaluated.content.metric_records["metrics"]) == dict(
+        handle(instruction(shared, "evaluate", 2, 100), here).content.metric_records["metrics"]
+    )
+    (pid,) = _workers(node)  # one worker served all three messages
+    assert (node.stat().st_mode & 0o777) == 0o700
+
+    os.kill(pid, signal.SIGKILL)  # a dead worker leaves a stale socket: a new worker takes over
+    time.sleep(0.5)
+    again = warm.handle(instruction(shared, "train", 3, 100), there)
+    assert again is not None and not again.has_error()
+    assert _workers(node) != [pid] and len(_workers(node)) == 1
+
+
+def test_without_a_usable_worker_the_message_runs_in_the_clientapp_process(
+    run_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client import app
+
+    open_dir = tmp_path / "shared-dir"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)  # other users could reach the socket: refused
+    ctx = _context(run_config, open_dir, tmp_path / "state")
+    msg = instruction(_shared(run_config), "train", 1, 100)
+    assert warm.handle(msg, ctx) is None
+    monkeypatch.setattr(warm, "enabled", lambda context: True)
+    reply = app.train(msg, ctx)  # the ClientApp's handler: warm path refused, work done here
+    assert not reply.has_error() and set(from_record(reply.content.array_records["arrays"])) == set(_shared(run_config))
+    assert not list(open_dir.iterdir())
+
+
+def test_simulation_and_opt_out_keep_the_in_process_path(run_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = _context(run_config, tmp_path / "w", tmp_path / "state")
+    assert not warm.enabled(ctx)  # pytest is not a flwr-clientapp process (nor is a Ray actor)
+    monkeypatch.setattr("sys.argv", ["/venv/bin/flwr-clientapp", "--insecure"])
+    assert warm.enabled(ctx)
+    assert not warm.enabled(_context(run_config, tmp_path / "w", tmp_path / "state", **{"warm-worker": False}))
+
+
+def test_each_run_config_and_code_version_has_its_own_worker(run_config: dict[str, Any], tmp_path: Path) -> None:
+    one = warm.worker_key(_context(run_config, tmp_path, tmp_path / "s"))
+    assert one == warm.worker_key(_context(run_config, tmp_path, tmp_path / "s"))
+    assert one != warm.worker_key(_context({**run_config, "learning-rate": 0.5}, tmp_path, tmp_path / "s"))
+    assert one != warm.worker_key(_context(run_config, tmp_path, tmp_path / "s", **{"partition-id": 1}))
+    code = tmp_path / "app"
+    for package in warm.PACKAGES:
+        (code / package).mkdir(parents=True)
+        (code / package / "a.py").write_text("x = 1\n")
+    before = warm.code_version(code)
+    (code / "common" / "a.py").write_text("x = 2\n")
+    assert warm.code_version(code) != before
+
+
+@pytest.mark.slow
+def test_permanent_errors_keep_their_code_and_an_idle_worker_exits(run_config: dict[str, Any], tmp_path: Path, node: Path) -> None:
+    config = {**run_config, "dataset": "cifar10", "data-dir": str(tmp_path / "no-such-data")}
+    ctx = _context(config, node, tmp_path / "state", **{"warm-worker-idle": 4})
+    reply = warm.handle(instruction({}, "train", 1, 100), ctx)
+    assert reply is not None and reply.has_error() and reply.error.code == PERMANENT_ERROR_CODE
+    assert "client 0" in reply.error.reason
+    assert len(_workers(node)) == 1
+    deadline = time.monotonic() + 30
+    while _workers(node) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _workers(node) and not list(node.glob("*.sock"))
