@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]  # where Flower unpacked the app (or 
 PACKAGES = ("client", "common")
 DEFAULT_IDLE_SECONDS = 300.0
 START_TIMEOUT = 300.0  # imports and the first model build, on a busy node
+DEFAULT_MESSAGE_TIMEOUT = 3600.0  # the run config's round-timeout default
 HEADER = struct.Struct("!Q")
 
 
@@ -135,6 +136,9 @@ def handle(msg: Message, context: Context) -> Message | None:
             sock = _start(directory, key, context)
         if sock is None:
             return None
+        # As long as the server waits for the reply: a shorter limit would run a slow message
+        # a second time here while the worker still trains it.
+        sock.settimeout(float(context.run_config.get("round-timeout", DEFAULT_MESSAGE_TIMEOUT)))
         with sock:
             send_frame(sock, encode_request(msg, context))
             answer = json.loads(recv_frame(sock))
@@ -151,7 +155,7 @@ def handle(msg: Message, context: Context) -> Message | None:
     raise RuntimeError(f"{answer.get('type', 'Exception')} in the warm worker: {answer.get('reason', '')}")
 
 
-def _connect(path: Path, timeout: float = 3600.0) -> socket.socket | None:
+def _connect(path: Path) -> socket.socket | None:
     if not path.exists():
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -160,13 +164,17 @@ def _connect(path: Path, timeout: float = 3600.0) -> socket.socket | None:
     except OSError:
         sock.close()
         return None
-    sock.settimeout(timeout)
     return sock
+
+
+def _private_file(path: Path, flags: int) -> int:
+    """A descriptor of ``path``, created 0600: the logs name the node's data and state paths."""
+    return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 @contextlib.contextmanager
 def _spawn_lock(directory: Path, key: str) -> Iterator[None]:
-    with open(directory / f"{key}.lock", "a") as handle:
+    with open(_private_file(directory / f"{key}.lock", os.O_WRONLY | os.O_APPEND), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -183,7 +191,7 @@ def _start(directory: Path, key: str, context: Context) -> socket.socket | None:
             return sock
         idle = float(context.node_config.get("warm-worker-idle", DEFAULT_IDLE_SECONDS))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        with open(directory / f"{key}.log", "ab") as logfile:
+        with open(_private_file(directory / f"{key}.log", os.O_WRONLY | os.O_APPEND), "ab") as logfile:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "client.worker", "--socket", str(path), "--idle", str(idle),
                  "--watch-pid", str(os.getppid())],

@@ -4,8 +4,10 @@ trouble degrading to the in-process path, a private socket directory, and idle e
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
 
 from client import warm
 from common.arrays import from_record
@@ -20,7 +23,8 @@ from common.config import RunConfig
 from common.errors import PERMANENT_ERROR_CODE
 from common.methods import method_for
 from common.model.roles import Role
-from tests.flower_messages import instruction
+from tests.flower_messages import instruction, wire_bytes
+from tests.leaks import leaked_rows
 
 
 def _workers(directory: Path) -> list[int]:
@@ -77,8 +81,14 @@ def test_the_warm_path_replies_as_the_clientapp_process_and_keeps_one_worker(
     assert dict(evaluated.content.metric_records["metrics"]) == dict(
         handle(instruction(shared, "evaluate", 2, 100), here).content.metric_records["metrics"]
     )
-    (pid,) = _workers(node)  # one worker served all three messages
+    (pid,) = _workers(node)  # one worker served all three messages, and built the model once
     assert (node.stat().st_mode & 0o777) == 0o700
+    assert (node / f"{warm.worker_key(there)}.log").read_text().count("client.runtime INFO building") == 1
+    # Nothing private in what the warm path hands to Flower: the private tensors it stored on the
+    # node's disk are not in the reply's bytes, while the shared ones are (the positive control).
+    private = load_file(str(tmp_path / "state-warm" / "run-5" / "client-0.safetensors"))
+    assert private and leaked_rows(wire_bytes(got), private) == [] and leaked_rows(wire_bytes(evaluated), private) == []
+    assert leaked_rows(wire_bytes(got), from_record(got.content.array_records["arrays"]))
 
     os.kill(pid, signal.SIGKILL)  # a dead worker leaves a stale socket: a new worker takes over
     time.sleep(0.5)
@@ -138,3 +148,48 @@ def test_permanent_errors_keep_their_code_and_an_idle_worker_exits(run_config: d
     while _workers(node) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _workers(node) and not list(node.glob("*.sock"))
+
+
+@pytest.mark.slow
+def test_a_worker_dying_mid_message_degrades_and_each_run_config_gets_its_own_worker(
+    run_config: dict[str, Any], tmp_path: Path, node: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from client import app
+
+    shared = _shared(run_config)
+    ctx = _context(run_config, node, tmp_path / "state", **{"warm-worker-idle": 60})
+    first = warm.handle(instruction(shared, "train", 1, 100), ctx)
+    assert first is not None and not first.has_error()
+    (pid,) = _workers(node)
+
+    # The worker dies while a ClientApp waits for its reply: no reply is lost, the message runs in
+    # the ClientApp process after one warning.
+    os.kill(pid, signal.SIGSTOP)
+    answers: list[Any] = []
+    waiting = threading.Thread(target=lambda: answers.append(warm.handle(instruction(shared, "train", 2, 100), ctx)))
+    with caplog.at_level(logging.WARNING, logger="client.warm"):
+        waiting.start()
+        time.sleep(1.0)  # connected and sent; waiting for the reply
+        os.kill(pid, signal.SIGKILL)
+        waiting.join(timeout=30)
+    assert answers == [None]
+    assert [r.levelname for r in caplog.records if r.name == "client.warm"] == ["WARNING"]
+    assert "running this message in the ClientApp process" in caplog.records[-1].getMessage()
+    time.sleep(0.5)
+    assert not _workers(node)
+    # What client.app does with that None: the same message, in this process.
+    in_process = app._handle(instruction(shared, "train", 2, 100), ctx)  # warm.enabled is False under pytest
+    assert not in_process.has_error()
+
+    # The next message starts a new worker on the stale socket's key.
+    again = warm.handle(instruction(shared, "train", 3, 100), ctx)
+    assert again is not None and not again.has_error()
+    (replacement,) = _workers(node)
+    assert replacement != pid
+
+    # Another run config (here a learning rate) is another worker, beside the first.
+    other = _context({**run_config, "learning-rate": 0.5}, node, tmp_path / "state-other", **{"warm-worker-idle": 60})
+    assert warm.handle(instruction(shared, "train", 1, 100), other) is not None
+    assert len(_workers(node)) == 2 and replacement in _workers(node)
+    assert len(list(node.glob("*.sock"))) == 2
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in node.glob("*.log"))
