@@ -17,15 +17,14 @@ import torch
 from common.config import RunConfig
 from common.data.checks import ClientDataCheck, check_client_data
 from common.data.federated import client_data
+from common.device import pick_device
 from common.methods import method_for
 from common.model.clip import ClipBundle, build_clip
 from common.model.roles import Role
 
 log = logging.getLogger(__name__)
 
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["initial_private", "pick_device", "shard", "shared_model"]
 
 
 _MODELS: dict[tuple[str, ...], ClipBundle] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common.data.eval_cache import IMAGE_FEATURES, IMAGE_PREFIX, EvalBatch
+from common.device import Precision, precision
 from common.methods.classifiers import Classifier
 from common.model.image import features_from_prefix, frozen_prefix_blocks, prefix_state
 
@@ -24,10 +24,11 @@ class LoopResult:
     hits: torch.Tensor | None = None  # evaluation: whether each example was right, in loader order
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+Amp = bool | Precision  # ``amp`` of the run config, or a precision already resolved for the device
+
+
+def _resolved(device: torch.device, amp: Amp) -> Precision:
+    return amp if isinstance(amp, Precision) else precision(device, amp)
 
 
 def train(
@@ -36,10 +37,13 @@ def train(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
-    amp: bool = True,
+    amp: Amp = True,
 ) -> LoopResult:
     """``epochs`` passes over ``loader`` minimising the method's loss; text features are
-    recomputed every step (text adapters and prompts train too)."""
+    recomputed every step (text adapters and prompts train too). In fp16 the loss is scaled
+    (a skipped step on an overflow is the GradScaler's rule, counted in its scale)."""
+    chosen = _resolved(device, amp)
+    scaler = chosen.scaler(device)
     total_loss, correct, seen = 0.0, 0, 0
     classifier.set_training(True)
     for epoch in range(epochs):
@@ -48,11 +52,12 @@ def train(
             set_epoch(epoch)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with _autocast(device, amp):
+            with chosen.autocast(device):
                 loss, logits = classifier.loss(images, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # optimizer.step() itself when not scaling
+            scaler.update()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += len(labels)
@@ -62,11 +67,11 @@ def train(
     return LoopResult(total_loss / seen, correct / seen, seen // epochs)
 
 
-def _image_features(classifier: Classifier, batch: EvalBatch, device: torch.device, amp: bool) -> torch.Tensor:
+def _image_features(classifier: Classifier, batch: EvalBatch, device: torch.device, chosen: Precision) -> torch.Tensor:
     """The batch's normalised image features, reusing what never changes for a test image: the
     whole feature when nothing in the image tower trains (prompt methods, zero-shot), else the
     hidden state after the frozen blocks before the first adapter (``common.model.image``)."""
-    model, setting = classifier.model, (str(device), amp and device.type == "cuda")
+    model, setting = classifier.model, (str(device), chosen.name)
     if classifier.image_tower_fixed():
         features = IMAGE_FEATURES.lookup(model, setting, batch.keys)
         if features is None:
@@ -84,10 +89,10 @@ def _image_features(classifier: Classifier, batch: EvalBatch, device: torch.devi
 
 
 @torch.no_grad()
-def class_features(classifier: Classifier, device: torch.device, amp: bool = True) -> Any:
+def class_features(classifier: Classifier, device: torch.device, amp: Amp = True) -> Any:
     """The classifier's per-class state for evaluation, computed as :func:`evaluate` would."""
     classifier.set_training(False)
-    with _autocast(device, amp):
+    with _resolved(device, amp).autocast(device):
         return classifier.class_features()
 
 
@@ -96,7 +101,7 @@ def evaluate(
     classifier: Classifier,
     batches: Iterable[EvalBatch | tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    amp: bool = True,
+    amp: Amp = True,
     classes: Any = None,
 ) -> LoopResult:
     """Loss and accuracy with the current trainable state; the class features are ``classes``
@@ -106,14 +111,15 @@ def evaluate(
     image features reused across rounds), or (images, labels) pairs from a DataLoader.
     """
     total_loss, hits = 0.0, []
+    chosen = _resolved(device, amp)
     classifier.set_training(False)
-    with _autocast(device, amp):
+    with chosen.autocast(device):
         classes = classifier.class_features() if classes is None else classes
         for batch in batches:
             if isinstance(batch, EvalBatch):
-                features, labels = _image_features(classifier, batch, device, amp), batch.labels.to(device)
+                features, labels = _image_features(classifier, batch, device, chosen), batch.labels.to(device)
             else:
-                images, labels = batch[0].to(device), batch[1].to(device)
+                images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
                 features = classifier.image_features(images)
             logits = classifier.logits_from_features(features, classes).float()
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData, EvalSet, SeededAugmentation
 from common.data.eval_cache import cacheable, eval_batches, set_budget_mb
+from common.device import Precision, configure_determinism, device_report, precision, reset_peak_memory
 from common.errors import PERMANENT_ERROR_CODE, PermanentError, is_disk_full, one_line
 from common.methods import Method, StepInputs, method_for
 from common.methods.classifiers import Classifier
@@ -44,6 +46,8 @@ PRIVATE_SOURCES = ("init", "context", "disk")  # "context" (context.state) is no
 # own draws (dropout), the image augmentations.
 STREAMS = {"shuffle": 0, "method": 1, "augment": 2}
 SHARED_RECORD = "arrays"  # the record holding the shared tensors, in both directions
+DEVICE_RECORD = "device"  # where the client ran: type, GPU name, dtype, peak memory (common.device)
+AUTO_LOADER_WORKERS = 4  # with a GPU: decode and augment beside the training thread
 
 
 @dataclass
@@ -57,6 +61,7 @@ class ClientJob:
     bundle: ClipBundle
     data: ClientData
     store: PrivateStateStore
+    precision: Precision
     skipped_images: int = 0  # image files of the shard left out under skip-corrupt
 
     @classmethod
@@ -65,12 +70,15 @@ class ClientJob:
         cfg = RunConfig.from_flower(context.run_config)
         node = NodeConfig.from_flower(context.node_config)
         method = method_for(cfg)
+        configure_determinism(cfg.deterministic)
         device = pick_device()
+        reset_peak_memory(device)
         bundle = shared_model(cfg, device, node.cache_dir)
         checked = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)
         namespace = namespace or cfg.experiment_name or f"run-{context.run_id}"
         store = PrivateStateStore(node.resolved_state_dir(cfg), namespace, node.partition_id, method.fingerprint())
-        return cls(cfg, node, method, device, bundle, checked.data, store, len(checked.skipped_files))
+        chosen = precision(device, cfg.amp)
+        return cls(cfg, node, method, device, bundle, checked.data, store, chosen, len(checked.skipped_files))
 
     def load_state(self, received: Mapping[str, torch.Tensor]) -> str:
         """Global shared tensors from the message (refused if non-finite or implausible), private
@@ -87,11 +95,24 @@ class ClientJob:
         return sub_seed(self.cfg.seed, self.node.partition_id, server_round, stream)
 
     def loader(self, dataset: Dataset, shuffle: bool, server_round: int) -> DataLoader:
+        """Batches decoded and augmented in ``loader-workers`` processes, into pinned memory on a
+        GPU. The order comes from the seeded generator and each image's augmentation from its own
+        seed (``SeededAugmentation``), so the batches are the same with any number of workers."""
         generator = torch.Generator().manual_seed(self.seed(server_round, STREAMS["shuffle"]))
+        workers = self.loader_workers()
         return DataLoader(
             dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", num_workers=workers,
+            prefetch_factor=4 if workers else None,
         )
+
+    def loader_workers(self) -> int:
+        if self.node.loader_workers >= 0:
+            return self.node.loader_workers
+        return min(AUTO_LOADER_WORKERS, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+
+    def device_record(self) -> ConfigRecord:
+        return ConfigRecord(device_report(self.device, self.precision, self.cfg.deterministic))
 
     def eval_batches(self, dataset: Dataset, server_round: int) -> Iterable:
         """Test images decoded once per process and reused (``common.data.eval_cache``), in large
@@ -195,7 +216,7 @@ def _train(job: ClientJob, msg: Message) -> Message:
     augmented = SeededAugmentation(job.data.train, job.seed(server_round, STREAMS["augment"]))
     loader = job.loader(augmented, shuffle=True, server_round=server_round)
     classifier = job.classifier(job.data.class_names, _step_inputs(msg, job, server_round))
-    result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.cfg.amp)
+    result = train(classifier, loader, optimizer, job.cfg.local_epochs, job.device, job.precision)
     job.store.save(roles.state(model, Role.PRIVATE))  # only if finite; else DivergedError, nothing sent
     shared = clip_for_dp(roles.state(model, Role.SHARED), received, _config(msg), job.cfg.dp)
     check_received(shared, float("inf"), "trained shared tensor")  # a NaN is never sent
@@ -216,6 +237,7 @@ def _train(job: ClientJob, msg: Message) -> Message:
                     "skipped-images": job.skipped_images,
                 }
             ),
+            DEVICE_RECORD: job.device_record(),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -248,10 +270,10 @@ def _evaluate(job: ClientJob, msg: Message) -> Message:
         key = tuple(eval_set.class_names)
         if key not in classifiers:
             classifier = job.classifier(eval_set.class_names, inputs)
-            classifiers[key] = (classifier, class_features(classifier, job.device, job.cfg.amp))
+            classifiers[key] = (classifier, class_features(classifier, job.device, job.precision))
         classifier, text = classifiers[key]
         batches = job.eval_batches(eval_set.dataset, server_round)
-        result = evaluate(classifier, batches, job.device, job.cfg.amp, text)
+        result = evaluate(classifier, batches, job.device, job.precision, text)
         metrics[f"{name}-accuracy"] = result.accuracy
         if name == "base" and result.hits is not None:  # Base = own classes (Local) + other clients' classes
             other = _other_classes(eval_set, job.data.own_classes)
@@ -260,7 +282,7 @@ def _evaluate(job: ClientJob, msg: Message) -> Message:
         if name == "local":
             metrics["local-loss"] = result.loss
             metrics["num-examples"] = result.num_examples
-    content = RecordDict({"metrics": metrics})
+    content = RecordDict({"metrics": metrics, DEVICE_RECORD: job.device_record()})
     if job.data.domain is not None:
         content["client"] = ConfigRecord({"domain": job.data.domain})
     return Message(content=content, reply_to=msg)

@@ -42,6 +42,9 @@ class RunConfig(BaseModel):
     min_evaluate_nodes: int = Field(2, ge=0)
     min_available_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)  # seconds to wait for replies per round
+    # Seconds the ServerApp waits for min-available-nodes nodes to connect before round 1; then it
+    # stops, naming the nodes it saw (Flower itself would wait forever).
+    node_wait_timeout: float = Field(600.0, gt=0.0)
     seed: int = Field(0, ge=0)
     # method (SPEC §5): a key of common.methods.METHODS
     method: str = "pfedmma"
@@ -62,7 +65,12 @@ class RunConfig(BaseModel):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0005, ge=0.0)
     crop_scale_min: float = Field(0.08, gt=0.0, le=1.0)  # RandomResizedCrop lower scale
-    amp: StrictBool = True  # mixed precision; only used on CUDA
+    # Mixed precision on CUDA: bf16 where the GPU has it natively, else fp16 with a GradScaler;
+    # fp32 on CPU and with amp = false (common.device.precision).
+    amp: StrictBool = True
+    # PyTorch's deterministic algorithms (and no TF32, no cuDNN autotuning): bit-identical GPU
+    # runs at some speed; CPU runs are bit-identical either way (docs/gpu.md).
+    deterministic: StrictBool = False
     # learned prompts (CoOp: promptfl, fedpgp, pfedmoap)
     prompt_tokens: int = Field(16, gt=0)  # context vectors per prompt (CoOp's n_ctx)
     promptfl_learning_rate: float = Field(0.002, gt=0.0)  # CoOp's ViT-B/16 config
@@ -193,6 +201,15 @@ class NodeConfig(BaseModel):
     cache_dir: str = "~/.cache/pfedmma/backbones"
     # Memory for decoded evaluation images kept between messages of one process (uint8); 0 = off.
     eval_cache_mb: int = Field(2048, ge=0)
+    # GPU memory the evaluation caches (image features, hidden states) may hold per process; 0 = none.
+    eval_cache_gpu_mb: int = Field(1024, ge=0)
+    # Decoded test images on the node's disk (uint8, memory-mapped by every process and round):
+    # where, and at most how many MB in all; 0 = off.
+    eval_cache_dir: str = "~/.cache/pfedmma/eval-images"
+    eval_disk_cache_mb: int = Field(65536, ge=0)
+    # DataLoader worker processes for training (decode and augment); -1 = automatic: none on CPU
+    # (they would compete with the training threads), min(4, CPU cores) with a GPU.
+    loader_workers: int = Field(-1, ge=-1)
 
     @model_validator(mode="after")
     def _check_partition(self) -> NodeConfig:

@@ -56,14 +56,18 @@ def _parse_overrides(text: str) -> dict[str, Any]:
     return values
 
 
-def simulate(config: dict[str, Any], clients: int, work: Path) -> tuple[list[float], float]:
+def simulate(config: dict[str, Any], clients: int, work: Path, gpus: float | None = None) -> tuple[list[float], float]:
+    """``gpus``: each client's GPU share; None = chosen from this machine's GPUs (none: CPU)."""
+    from common.device import simulation_resources
+
     home = work / "flwr-home"
     home.mkdir()
     run_config = " ".join(f"{k}={_flower_value(v)}" for k, v in config.items())
+    federation = f"num-supernodes={clients} {simulation_resources(clients, gpus)}".strip()
     started = time.monotonic()
     try:
         done = subprocess.run(
-            [FLWR, "run", ".", "--stream", "--federation-config", f"num-supernodes={clients}", "--run-config", run_config],
+            [FLWR, "run", ".", "--stream", "--federation-config", federation, "--run-config", run_config],
             cwd=REPO, env=flower_env(home), capture_output=True, text=True, timeout=3600, check=False,
         )
     finally:
@@ -134,6 +138,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--run-config", default="", help="overrides, as flwr run takes them")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--gpus-per-client", type=float, default=None,
+                        help="each simulated client's GPU share (default: from this machine's GPUs; 0 = CPU)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds: at least 2 (the first round is left out of the means)")
@@ -147,7 +153,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {args.clients} clients, {args.rounds} rounds, "
           f"method {config['method']}, model {config['model-name']}", flush=True)
     try:
-        simulated, wall = simulate(config, args.clients, work)
+        simulated, wall = simulate(config, args.clients, work, args.gpus_per_client)
         for i, seconds in enumerate(simulated, 1):
             print(f"simulation round {i}: {seconds:.2f}s", flush=True)
         shutil.rmtree(work / "state", ignore_errors=True)

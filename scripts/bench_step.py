@@ -4,7 +4,7 @@ floor (a no-grad forward of the image tower alone), in one run, interleaved.
 
     python scripts/bench_step.py                        # ViT-B-16 (random weights) and the tiny model, C = 10, 50
     python scripts/bench_step.py --models pfedmma-tiny --classes 10 --repeats 5
-    python scripts/bench_step.py --device cuda          # bf16 autocast, as the ClientApp runs on a GPU
+    python scripts/bench_step.py --device cuda          # the ClientApp's autocast (bf16, or fp16 without native bf16)
 
 Both paths run on one model with the same adapters, so a step of either updates the same
 tensors; the logits (and adapter gradients) of the two paths are compared on one batch before
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from client.trainer import _autocast
 from common.config import RunConfig
+from common.device import precision
 from common.methods import StepInputs, method_for
 from common.model.clip import build_clip, model_dims
 from common.model.text import reference_path
@@ -93,7 +93,7 @@ def bench(model_name: str, classes: int, args: argparse.Namespace, device: torch
     images = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
     labels = torch.randint(0, classes, (args.batch,), generator=gen).to(device)
     eval_images = torch.randn(eval_count, 3, size, size, generator=gen).to(device)
-    autocast = lambda: _autocast(device, True)  # bf16 on CUDA, nothing on CPU
+    autocast = lambda: precision(device, True).autocast(device)  # bf16/fp16 on CUDA as the ClientApp, none on CPU
 
     with torch.no_grad(), autocast():
         fast_logits, ref_logits = optimised.logits(images).float(), reference.logits(images).float()

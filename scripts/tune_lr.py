@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(LR_KEYS), help=f"comma list of {', '.join(LR_KEYS)}")
     p.add_argument("--multipliers", default="3,10,30,100", help="of the paper's lr (default: 3,10,30,100)")
     p.add_argument("--seed", type=int, default=100, help="the tuning seed; keep it out of the reported seeds")
-    p.add_argument("--supernodes", type=int, default=4)
+    p.add_argument("--supernodes", type=int, default=None, help="default: the preset's min-available-nodes, at least 4")
+    p.add_argument("--gpus-per-client", type=float, default=None, help="GPU share per client (default: from this machine's GPUs)")
     p.add_argument("--out", type=Path, default=Path("results/tune"))
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -56,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         for mult in args.multipliers:
             lr = PAPER[key] * mult
             folder = args.out / f"{method}-x{mult:g}"
+            federation = [*(["--supernodes", str(args.supernodes)] if args.supernodes else []),
+                          *(["--gpus-per-client", str(args.gpus_per_client)] if args.gpus_per_client is not None else [])]
             code = compare([
                 "--preset", str(args.preset), "--methods", method, "--seeds", str(args.seed), "--out", str(folder),
-                "--supernodes", str(args.supernodes), "--set", "eval-split='val'", "--set", "eval-every=0", "--set", f"{key}={lr!r}",
+                *federation, "--set", "eval-split='val'", "--set", "eval-every=0", "--set", f"{key}={lr!r}",
             ])
             if code != 0:
                 print(f"[tune] {method} x{mult:g}: the run failed (exit {code}); see {folder}", flush=True)

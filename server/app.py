@@ -19,6 +19,7 @@ from common.methods import Method, method_for
 from common.model.clip import backbone_parameter_count
 from common.model.roles import Role
 from server.aggregation import PrivacyBudgetSpent
+from server.node_wait import NodesMissing, wait_for_nodes
 from server.partition_record import PartitionRecorder
 from server.preflight import data_on_server, preflight
 from server.progress import RoundReporter, RunFailed
@@ -103,8 +104,9 @@ def method_record(cfg: RunConfig, method: Method, initial: dict[Role, dict[str, 
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_flower(context.run_config)
-        preflight(cfg, len(list(grid.get_node_ids())) or None)
-    except ConfigError as err:
+        nodes = wait_for_nodes(grid, cfg.min_available_nodes, cfg.node_wait_timeout)
+        preflight(cfg, len(nodes) or None)
+    except (ConfigError, NodesMissing) as err:
         # Returned, not raised: Flower would print its traceback twice after these lines.
         lines = str(err).splitlines()
         print(f"[pfedmma] FAILED before round 1: {lines[0]}", flush=True)
@@ -181,7 +183,7 @@ def run(cfg: RunConfig, grid: Grid, context: Context) -> None:
         # final line and summary.json say "failed".
         reporter.finish(failed)
         return
-    except PrivacyBudgetSpent as spent:  # raised before a round's instructions are sent
-        reporter.finish(RunFailed(reporter.history[-1]["round"] if reporter.history else done, str(spent), {}))
+    except (PrivacyBudgetSpent, NodesMissing) as stopped:  # raised before a round's instructions are sent
+        reporter.finish(RunFailed(reporter.history[-1]["round"] if reporter.history else done, str(stopped), {}))
         return
     reporter.finish()

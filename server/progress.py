@@ -67,6 +67,8 @@ class RoundReporter:
             "excluded": {str(c): why for c, why in sorted(stats.excluded.items())},
             "permanent-errors": dict(sorted(stats.permanent.items())),
             "domains": {str(c): d for c, d in sorted(stats.domains.items())},
+            # Where each client ran (type, GPU name, dtype, peak memory): common.device.device_report.
+            "device": {str(c): d for c, d in sorted(stats.devices.items())},
             "per-domain-local": per_domain_means(stats.evaluation, stats.domains) if stats.domains else {},
             "private-source": {str(c): v for c, v in sorted(stats.private_sources.items())},
             "sampled": stats.sampled_train,
@@ -129,6 +131,7 @@ class RoundReporter:
             "total-rejected-replies": sum(r["rejected-replies"] for r in self.history),
             # Image files each client left out under skip-corrupt (the largest count it reported).
             "skipped-images": _skipped_images(self.history),
+            "device": _devices(self.history),
             "wall-seconds": round(time.monotonic() - self.started, 2),
             "run-dir": str(self.run_dir.path),
         }
@@ -184,6 +187,16 @@ def _counted(row: dict[str, Any]) -> str:
     if not row["excluded"]:
         return note
     return f"{note} | means over {row['clients-in-mean']} of {len(row['per-client'])} clients ({len(row['excluded'])} never trained)"
+
+
+def _devices(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each client's latest device report, with its peak memory over the whole run."""
+    devices: dict[str, dict[str, Any]] = {}
+    for row in history:
+        for client, report in row.get("device", {}).items():
+            peak = max(devices.get(client, {}).get("peak-memory-mb", 0.0), report.get("peak-memory-mb", 0.0))
+            devices[client] = {**report, "peak-memory-mb": peak}
+    return dict(sorted(devices.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else kv[0])))
 
 
 def _skipped_images(history: list[dict[str, Any]]) -> dict[str, int]:

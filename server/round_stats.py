@@ -52,6 +52,7 @@ class RoundStats:
     full_eval: bool = False  # whether Base/Novel were asked for this round
     evaluation: dict[int, dict[str, float]] = field(default_factory=dict)  # partition id -> metric -> value
     domains: dict[int, str] = field(default_factory=dict)  # partition id -> domain (feature shift)
+    devices: dict[int, dict[str, str | float | bool]] = field(default_factory=dict)  # partition id -> device report
     sampled_evaluate: int = 0
     skipped_images: dict[int, int] = field(default_factory=dict)  # partition id -> files left out (skip-corrupt)
     # Evaluations not counted in the means: partition id -> why (e.g. it has never trained).

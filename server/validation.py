@@ -10,11 +10,12 @@ global state it was sent) is within the norm bound, or is clipped to it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 DEFAULT_MAX_EXAMPLES = 1_000_000  # the cap when the server cannot read the partition
 
@@ -51,6 +52,32 @@ def metrics_problem(metrics: MetricRecord) -> str | None:
             if key.endswith("-accuracy") and not 0.0 <= v <= 1.0:
                 return f"{key}={v!r}; expected an accuracy in [0, 1]"
     return None
+
+
+# What a client may say about its device (common.device.device_report), and how much of it is kept.
+DEVICE_TEXT = ("type", "dtype", "name", "capability", "torch", "cuda")
+DEVICE_NUMBERS = ("peak-memory-mb", "total-memory-mb")
+MAX_DEVICE_TEXT = 64
+MAX_MEMORY_MB = 2.0**30  # a petabyte: anything larger is not a memory figure
+
+
+def device_info(record: ConfigRecord | None) -> dict[str, str | float | bool]:
+    """The known fields of a client's device report, bounded: short printable text, finite
+    non-negative numbers; anything else is left out. Only ever recorded, never acted on."""
+    if record is None:
+        return {}
+    info: dict[str, str | float | bool] = {}
+    for key in DEVICE_TEXT:
+        value = record.get(key)
+        if isinstance(value, str):
+            info[key] = re.sub(r"[^\x20-\x7e]", "?", value[:MAX_DEVICE_TEXT])  # no newline can forge a log line
+    for key in DEVICE_NUMBERS:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= MAX_MEMORY_MB:
+            info[key] = float(value)
+    if isinstance(record.get("deterministic"), bool):
+        info["deterministic"] = bool(record["deterministic"])
+    return info
 
 
 def count_problem(value: object, key: str, cap: int) -> str | None:

@@ -42,7 +42,9 @@ def test_train_reply_carries_only_shared_tensors(run_config, tiny_cfg, initial) 
             assert list(reply.content.array_records) == ["arrays"]
             assert set(reply.content["arrays"]) == set(shared)
             assert set(reply.content.metric_records["metrics"]) == {"num-examples", "train-loss", "train-accuracy", "partition-id", "num-partitions", "private-source", "skipped-images"}
-            assert not reply.content.config_records
+            # Besides tensors and numbers, only the device report: strings and numbers about the machine.
+            assert set(reply.content.config_records) == {"device"}
+            assert set(reply.content["device"]) >= {"type", "dtype", "name", "peak-memory-mb"}
             # No private tensor's values appear anywhere in what the reply puts on the wire.
             blob = wire_bytes(reply)
             private = private_on_disk(run_config, pid)

@@ -88,12 +88,13 @@ def test_roles_and_counts(run_config: dict[str, Any], tmp_path: Path, name: str)
 def test_forward_backward_shapes(run_config: dict[str, Any], tmp_path: Path, name: str) -> None:
     cfg = RunConfig.from_flower(_config(run_config, name, tmp_path))
     method = method_for(cfg)
-    bundle = shared_model(cfg, pick_device())
+    device = pick_device()  # a GPU where there is one: the test runs as clients run
+    bundle = shared_model(cfg, device)
     model = bundle.model
-    extras = {"experts": from_record(_experts(method))} if method.extra_records else {}
+    extras = {"experts": {k: v.to(device) for k, v in from_record(_experts(method)).items()}} if method.extra_records else {}
     inputs = StepInputs(extras, torch.Generator().manual_seed(0))
-    classifier = method.classifier(model, bundle.tokenizer, ["red circle", "blue square", "green ring"], "cpu", inputs)
-    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    classifier = method.classifier(model, bundle.tokenizer, ["red circle", "blue square", "green ring"], device, inputs)
+    images, labels = torch.randn(4, 3, 32, 32).to(device), torch.tensor([0, 1, 2, 0]).to(device)
     assert classifier.logits(images).shape == (4, 3)
     classes = classifier.class_features()
     assert classifier.logits(images, classes).shape == (4, 3)
@@ -148,7 +149,9 @@ def test_reply_carries_only_the_shared_tensors(run_config: dict[str, Any], tmp_p
     ctx = context(config, 1)
     reply = app(_train_message(method, ctx.node_id), ctx)
     assert not reply.has_error(), reply.error
-    assert list(reply.content.array_records) == ["arrays"] and not reply.content.config_records
+    assert list(reply.content.array_records) == ["arrays"] and list(reply.content.config_records) == ["device"]
+    device = reply.content.config_records["device"]  # where it ran: text and numbers, no tensor
+    assert device["type"] == pick_device().type and device["dtype"] in ("fp32", "bf16", "fp16")
     assert set(reply.content["arrays"]) == set(method.initial_state()[Role.SHARED])
     assert set(reply.content.metric_records["metrics"]) == {
         "num-examples", "train-loss", "train-accuracy", "partition-id", "num-partitions", "private-source", "skipped-images"

@@ -66,7 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma list (default: 0,1,2)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/<preset name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override on top of the preset (repeatable)")
-    p.add_argument("--supernodes", type=int, default=4, help="simulated clients (default: 4)")
+    p.add_argument("--supernodes", type=int, default=None,
+                   help="simulated clients (default: the preset's min-available-nodes, at least 4)")
+    p.add_argument("--gpus-per-client", type=float, default=None,
+                   help="simulation: each client's GPU share, e.g. 0.25 = four clients per GPU (default: chosen "
+                        "from the GPUs this machine has, at most four clients per GPU; 0 without CUDA)")
     p.add_argument("--connection", default="", help="a SuperLink connection name: run against that deployment")
     p.add_argument("--server-output-dir", default="", help="with --connection: this folder's runs/ as the ServerApp sees it")
     p.add_argument("--app", type=Path, default=REPO, help="the Flower app (default: this repository)")
@@ -77,8 +81,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.set = _overrides(args.set)
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
-    if args.supernodes < 1:
+    if args.supernodes is not None and args.supernodes < 1:
         p.error(f"--supernodes={args.supernodes}: need at least 1")
+    if args.gpus_per_client is not None and not 0.0 <= args.gpus_per_client <= 64:
+        p.error(f"--gpus-per-client={args.gpus_per_client}: expected a share between 0 and the GPUs of the machine (e.g. 0.25)")
+    if args.gpus_per_client is not None and args.connection:
+        p.error("--gpus-per-client only applies in simulation; a deployment's clients use their own GPUs")
     if args.server_output_dir and not args.connection:
         p.error("--server-output-dir only applies with --connection (a deployment)")
     args.out = args.out or Path("results") / args.preset.stem
@@ -94,7 +102,7 @@ def _prefixed(tag: str) -> Callable[[str], None]:
 
 
 def run_all(args: argparse.Namespace, runs: list[PlannedRun]) -> tuple[dict[tuple[str, int], SeedResult], list[str]]:
-    target = Target(args.app, args.supernodes, args.connection, args.server_output_dir)
+    target = Target(args.app, args.supernodes, args.connection, args.server_output_dir, args.gpus_per_client or 0.0)
     runs_root = args.out / "runs"
     state_dir = None if args.connection else args.out / "state"
     finished: dict[tuple[str, int], SeedResult] = {}
@@ -130,6 +138,29 @@ def run_all(args: argparse.Namespace, runs: list[PlannedRun]) -> tuple[dict[tupl
     return finished, failures
 
 
+MINIATURE_CLIENTS = 4  # the offline miniature's federation, when a preset asks for fewer nodes
+
+
+def federation_size(args: argparse.Namespace, run_config: dict) -> str:
+    """Fill in ``--supernodes`` (from the preset's node minimums) and ``--gpus-per-client`` (from
+    this machine's GPUs); refuse a federation smaller than the preset needs, which would wait."""
+    needed = max(int(run_config.get(k, 1)) for k in ("min-available-nodes", "min-train-nodes", "min-evaluate-nodes"))
+    if args.connection:
+        return ""
+    if args.supernodes is None:
+        args.supernodes = max(needed, MINIATURE_CLIENTS)
+    elif args.supernodes < needed:
+        raise PlanError(f"--supernodes={args.supernodes} is below the preset's min-available-nodes={needed}: every "
+                        f"run would wait for nodes that never come; pass --supernodes {needed} or more, or lower "
+                        f"min-available-nodes with --set")
+    if args.gpus_per_client is None:
+        from common.device import gpus_per_client  # imports torch: only here, where it decides something
+
+        args.gpus_per_client = gpus_per_client(args.supernodes)
+    gpus = f", {args.gpus_per_client:g} GPU each" if args.gpus_per_client else ", CPU only"
+    return f"simulation, {args.supernodes} clients{gpus}"
+
+
 def report(args: argparse.Namespace, methods: list[str], seeds: list[int], finished: dict[tuple[str, int], SeedResult]) -> None:
     results = []
     for method in methods:
@@ -144,6 +175,7 @@ def report(args: argparse.Namespace, methods: list[str], seeds: list[int], finis
         "overrides": args.set,
         "seeds": seeds,
         "supernodes": None if args.connection else args.supernodes,
+        "gpus-per-client": None if args.connection else args.gpus_per_client,
         "connection": args.connection or None,
     }
     paths = write_tables(results, args.out, header)
@@ -158,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         preset = read_preset(args.preset)
         runs = plan_runs(args.out, preset, args.methods, args.seeds, args.set)
+        federation = federation_size(args, runs[0].run_config) if runs else ""
         _print(f"[compare] {len(args.methods)} methods x {len(args.seeds)} seeds = {len(runs)} runs of {args.preset} "
-               f"({'connection ' + args.connection if args.connection else f'simulation, {args.supernodes} clients'}); results in {args.out}")
+               f"({'connection ' + args.connection if args.connection else federation}); results in {args.out}")
         finished, failures = run_all(args, runs)
     except PlanError as err:
         print(f"pfedmma-compare: {err}", file=sys.stderr)

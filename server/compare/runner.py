@@ -29,6 +29,7 @@ class Target:
     supernodes: int = 4
     connection: str = ""  # a SuperLink connection in $FLWR_HOME/config.toml; "" = simulation
     server_output_dir: str = ""
+    gpus_per_client: float = 0.0  # simulation: each client's GPU share (0 = none)
 
     def output_dir(self, run: PlannedRun, runs_root: Path) -> str:
         if not self.server_output_dir:
@@ -49,7 +50,10 @@ class Target:
             command.append(self.connection)
         command += ["--stream", "--run-config", str(config_file.resolve())]
         if not self.connection:
-            command += ["--federation-config", f"num-supernodes={self.supernodes}"]
+            federation = f"num-supernodes={self.supernodes}"
+            if self.gpus_per_client > 0:
+                federation += f" client-resources-num-gpus={self.gpus_per_client:g}"
+            command += ["--federation-config", federation]
         return command
 
 

@@ -16,18 +16,19 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
 from common.errors import PERMANENT_ERROR_CODE
 from common.metrics import summarize
 from common.seeds import sub_seed
 from server.aggregation import Combiner
+from server.node_wait import wait_for_nodes
 from server.round_stats import PRIVATE_SOURCES, RoundStats, identifier, scalar
 from server.validation import (
     ReplyLimits,
     TensorSpec,
     clip_update,
+    device_info,
     metrics_problem,
     reply_bytes,
     reply_problem,
@@ -90,6 +91,7 @@ class SharedFedAvg(FedAvg):
         limits: ReplyLimits | None = None,
         combiner: Combiner | None = None,
         examples_cap: Callable[[int], tuple[int, str]] | None = None,
+        node_wait_timeout: float = 600.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -107,6 +109,7 @@ class SharedFedAvg(FedAvg):
         self.combiner = combiner or Combiner(RunConfig.model_validate({}))
         # num-examples cap from the number of connected nodes (max-examples = 0): set at round 1.
         self.examples_cap = examples_cap
+        self.node_wait_timeout = node_wait_timeout  # then NodesMissing, not Flower's endless wait
         self.global_arrays: dict[str, np.ndarray] = {}  # what this round's clients were sent
         self.outbox: list[Message] = []  # this round's instructions: Flower gives them ids as it sends them
 
@@ -121,7 +124,7 @@ class SharedFedAvg(FedAvg):
             max_examples=cfg.max_examples or ReplyLimits.max_examples, max_abs=cfg.max_parameter_abs,
             update_norm_bound=cfg.update_norm_bound, update_norm_action=cfg.update_norm_action,
         )
-        return {"seed": cfg.seed, "limits": limits, "combiner": Combiner(cfg)}
+        return {"seed": cfg.seed, "limits": limits, "combiner": Combiner(cfg), "node_wait_timeout": cfg.node_wait_timeout}
 
     def sender(self, msg: Message) -> int:
         """The node a reply is about. An error the SuperLink writes itself (a node it declared
@@ -161,9 +164,15 @@ class SharedFedAvg(FedAvg):
             self.partition_of[msg.metadata.src_node_id] = client
         if partitions is not None:
             stats.num_partitions.add(partitions)
+        key = client if client is not None else msg.metadata.src_node_id
         skipped = identifier(metrics, "skipped-images")
         if skipped:
-            stats.skipped_images[client if client is not None else msg.metadata.src_node_id] = skipped
+            stats.skipped_images[key] = skipped
+        device = device_info(msg.content.config_records.get("device"))
+        if device:  # a training and an evaluation reply of one round: the larger peak is kept
+            known = stats.devices.get(key, {})
+            peak = max(float(known.get("peak-memory-mb", 0.0)), float(device.get("peak-memory-mb", 0.0)))
+            stats.devices[key] = {**device, "peak-memory-mb": peak} if "peak-memory-mb" in device else device
         return client
 
     def record_accepted(self, server_round: int, accepted: list[Message]) -> None:
@@ -232,7 +241,7 @@ class SharedFedAvg(FedAvg):
             return []
         minimum = self.min_train_nodes if training else self.min_evaluate_nodes
         size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
-        _, connected = sample_nodes(grid, self.min_available_nodes, size)  # waits for enough nodes
+        connected = wait_for_nodes(grid, max(self.min_available_nodes, size), self.node_wait_timeout)
         if self.examples_cap is not None:  # the partition is known once the clients are
             cap, why = self.examples_cap(len(connected))
             self.limits = dataclasses.replace(self.limits, max_examples=cap)
