@@ -48,6 +48,29 @@ def shared_model(cfg: RunConfig, device: torch.device, cache_dir: str = "") -> C
     return _MODELS[key]
 
 
+def uses_gpu() -> bool:
+    """Whether this process has a CUDA context (which only its exit frees)."""
+    return torch.cuda.is_initialized()
+
+
+def holds_device_memory() -> bool:
+    """Whether this process has a model or cached rows on a GPU."""
+    return uses_gpu() and (any(key[-1].startswith("cuda") for key in _MODELS) or torch.cuda.memory_allocated() > 0)
+
+
+def release_device_memory() -> None:
+    """Drop the models and the evaluation rows this process keeps, and hand CUDA's cached
+    blocks back to the driver (an idle warm worker; the next message rebuilds from the node's
+    backbone cache). Decoded test images stay: they are on the host or the node's disk."""
+    from common.data.eval_cache import IMAGE_FEATURES, IMAGE_PREFIX
+
+    _MODELS.clear()
+    IMAGE_FEATURES.clear()
+    IMAGE_PREFIX.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @lru_cache(maxsize=2)
 def initial_private(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The common initial private tensors (the same for every client of a run); read-only."""

@@ -15,6 +15,8 @@ the per-message processes.
   runs in the ClientApp process as before, with one warning.
 * **Exits** after ``warm-worker-idle`` seconds without a message (node config; default 300), or when
   the process that started its first ClientApp (the SuperNode or its SuperExec) is gone.
+* **GPU memory**: releases its models and GPU rows after ``warm-worker-gpu-idle`` seconds without a
+  message (default 120); a worker whose GPU another worker has used since exits (``client.worker``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]  # where Flower unpacked the app (or the repository)
 PACKAGES = ("client", "common")
 DEFAULT_IDLE_SECONDS = 300.0
+DEFAULT_GPU_IDLE_SECONDS = 120.0  # then an idle worker releases its GPU memory (client.worker)
 START_TIMEOUT = 300.0  # imports and the first model build, on a busy node
 DEFAULT_MESSAGE_TIMEOUT = 3600.0  # the run config's round-timeout default
 HEADER = struct.Struct("!Q")
@@ -190,10 +193,11 @@ def _start(directory: Path, key: str, context: Context) -> socket.socket | None:
         if sock is not None:
             return sock
         idle = float(context.node_config.get("warm-worker-idle", DEFAULT_IDLE_SECONDS))
+        gpu_idle = float(context.node_config.get("warm-worker-gpu-idle", DEFAULT_GPU_IDLE_SECONDS))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with open(_private_file(directory / f"{key}.log", os.O_WRONLY | os.O_APPEND), "ab") as logfile:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "client.worker", "--socket", str(path), "--idle", str(idle),
+                [sys.executable, "-m", "client.worker", "--socket", str(path), "--idle", str(idle), "--gpu-idle", str(gpu_idle),
                  "--watch-pid", str(os.getppid())],
                 cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 start_new_session=True,  # outlives this per-message process

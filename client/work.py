@@ -30,7 +30,7 @@ from client.trainer import class_features, evaluate, train
 from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData, EvalSet, SeededAugmentation
-from common.data.eval_cache import cacheable, eval_batches, set_budget_mb
+from common.data.eval_cache import cacheable, eval_batches, set_budgets
 from common.device import Precision, configure_determinism, device_report, precision, reset_peak_memory
 from common.errors import PERMANENT_ERROR_CODE, PermanentError, is_disk_full, one_line
 from common.methods import Method, StepInputs, method_for
@@ -118,7 +118,8 @@ class ClientJob:
         """Test images decoded once per process and reused (``common.data.eval_cache``), in large
         no-grad batches; a dataset without the deterministic test transform goes through a loader."""
         if cacheable(dataset):
-            set_budget_mb(self.node.eval_cache_mb)
+            node = self.node
+            set_budgets(node.eval_cache_mb, node.eval_cache_gpu_mb, node.eval_cache_dir, node.eval_disk_cache_mb)
             return eval_batches(dataset, self.cfg.eval_batch_size)  # type: ignore[arg-type]
         return self.loader(dataset, shuffle=False, server_round=server_round)
 

@@ -7,6 +7,12 @@ One message at a time, in the order they come. Between messages it keeps what ``
 and ``common.data.eval_cache`` cache per process: imports, the CUDA context, the model, the data
 shard and the decoded test images. Private tensors are read from and written to the node's disk by
 ``client.work`` exactly as in the ClientApp process; the worker keeps no other copy.
+
+GPU memory (:func:`idle_action`): a GPU is shared by every run on the node, and each run config has
+its own worker. The worker that served the node's latest GPU message is named in ``gpu-holder`` in
+the worker directory. Any other worker holding GPU memory exits at once when idle (its CUDA context
+cannot be freed otherwise), so a node never keeps more than one idle worker's model on a GPU; the
+holder itself releases its models and GPU rows after ``--gpu-idle`` seconds without a message.
 """
 
 from __future__ import annotations
@@ -23,11 +29,37 @@ from flwr.app import Context, RecordDict
 from flwr.common import serde
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from client import work
+from client import runtime, work
 from client.warm import HEADER, recv_frame, send_frame
 
 log = logging.getLogger("client.worker")
 POLL_SECONDS = 2.0  # how often an idle worker checks its idle time and the watched process
+DEFAULT_GPU_IDLE = 120.0  # seconds before the node's GPU holder releases its GPU memory
+HOLDER_FILE = "gpu-holder"
+
+
+def idle_action(idle_seconds: float, gpu_idle: float, holds_gpu: bool, holder: int | None, me: int) -> str:
+    """What an idle worker does about the GPU: ``"keep"``, ``"release"`` (models and GPU rows
+    dropped) or ``"exit"`` (another worker served the node's latest GPU message)."""
+    if not holds_gpu:
+        return "keep"
+    if holder is not None and holder != me:
+        return "exit"
+    return "release" if idle_seconds >= gpu_idle else "keep"
+
+
+def read_holder(directory: Path) -> int | None:
+    try:
+        return int((directory / HOLDER_FILE).read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def claim_gpu(directory: Path) -> None:
+    """Name this worker as the node's latest GPU user (atomically: readers never see half a pid)."""
+    tmp = directory / f".{HOLDER_FILE}.{os.getpid()}"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, directory / HOLDER_FILE)
 
 
 def decode_request(payload: bytes) -> tuple[ProtoMessage, Context]:
@@ -75,6 +107,8 @@ def main() -> None:
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--idle", type=float, default=300.0, help="exit after this many seconds without a message")
     parser.add_argument("--watch-pid", type=int, default=0, help="exit when this process is gone (the SuperNode's side)")
+    parser.add_argument("--gpu-idle", type=float, default=DEFAULT_GPU_IDLE,
+                        help="release GPU memory after this many seconds without a message")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.umask(0o077)
@@ -85,11 +119,20 @@ def main() -> None:
     server.settimeout(POLL_SECONDS)
     log.info("warm worker %d listening on %s (idle limit %.0f s)", os.getpid(), args.socket, args.idle)
     last = time.monotonic()
+    directory = args.socket.parent
     try:
         while time.monotonic() - last < args.idle and _alive(args.watch_pid):
             try:
                 conn, _ = server.accept()
             except TimeoutError:
+                action = idle_action(time.monotonic() - last, args.gpu_idle, runtime.uses_gpu(),
+                                     read_holder(directory), os.getpid())
+                if action == "exit":
+                    log.info("another worker uses the GPU now: exiting to free this one's GPU memory")
+                    break
+                if action == "release" and runtime.holds_device_memory():
+                    log.info("idle for %.0f s: releasing GPU memory", time.monotonic() - last)
+                    runtime.release_device_memory()
                 continue
             with conn:
                 conn.settimeout(None)
@@ -97,6 +140,8 @@ def main() -> None:
                     serve_one(conn)
                 except (ConnectionError, OSError) as err:  # the ClientApp went away mid-message
                     log.warning("connection lost: %s", err)
+            if runtime.uses_gpu():
+                claim_gpu(directory)
             last = time.monotonic()
     finally:
         server.close()

@@ -30,11 +30,17 @@ def _model_problems(cfg: RunConfig) -> list[str]:
         method_for(cfg).check(dims)  # adapter-start/end against the towers' depth, gate sizes...
     except ValueError as err:
         problems.append(f"method {cfg.method!r}: {err}")
-    if cfg.pretrained and not _looks_like_path(cfg.pretrained):
-        try:  # a tag or a bundled checkpoint name; a file path may exist only on the nodes
+    # A tag or a bundled checkpoint name is checked here. A file path may exist only on the
+    # nodes (the presets point at a per-node weights folder): when the server has the file too,
+    # its recorded model name is checked here (a header read), else the clients check it.
+    on_server = _looks_like_path(cfg.pretrained) and Path(cfg.pretrained).expanduser().is_file()
+    if cfg.pretrained and (on_server or not _looks_like_path(cfg.pretrained)):
+        try:
             resolve_pretrained(cfg.model_name, cfg.pretrained)
         except (ValueError, PermanentError, OSError) as err:
             problems.append(str(err))
+    elif cfg.pretrained:
+        log.info("pretrained=%r is not a file on the server: the clients check it", cfg.pretrained)
     return problems
 
 

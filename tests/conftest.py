@@ -18,6 +18,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: on a machine without one they are skipped, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (pytest -m gpu on a GPU machine; scripts/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def pyproject_run_config() -> dict[str, Any]:
     with open(REPO / "pyproject.toml", "rb") as f:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])

@@ -37,7 +37,11 @@ FLWR = str(Path(sys.executable).parent / "flwr")
 
 
 def _run_command(run_config: str, supernodes: int) -> list[str]:
-    return [FLWR, "run", ".", "--stream", "--federation-config", f"num-supernodes={supernodes}", "--run-config", run_config]
+    """As users run it: on a GPU machine every simulated client gets a GPU share (common.device)."""
+    from common.device import simulation_resources
+
+    federation = f"num-supernodes={supernodes} {simulation_resources(supernodes)}".strip()
+    return [FLWR, "run", ".", "--stream", "--federation-config", federation, "--run-config", run_config]
 
 
 def flwr_run(flwr_home: Path, run_config: str, supernodes: int, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -84,3 +84,14 @@ def test_bad_input_stops_the_run_early_and_says_why(flwr_home: Path, tmp_path: P
     summary = _summary(runs)
     assert summary["status"] == "completed" and list(summary["skipped-images"].values()) == [1]
     assert summary["evaluation"]["local"] >= 0.0
+
+
+def test_a_run_needing_more_nodes_than_connect_stops_naming_min_available_nodes(flwr_home: Path, tmp_path: Path) -> None:
+    """A paper preset asks for 10 nodes; started with 2 it used to wait forever (Flower's sampling)."""
+    runs = tmp_path / "runs"
+    config = (f"min-available-nodes=10 min-train-nodes=2 min-evaluate-nodes=2 node-wait-timeout=5 "
+              f"output-dir='{runs}' state-dir='{tmp_path / 'state'}'")
+    result = flwr_run(flwr_home, config, supernodes=2, timeout=300)
+    output = result.stdout + result.stderr
+    assert "[pfedmma] FAILED before round 1: 2 of min-available-nodes=10 nodes connected within node-wait-timeout=5 s" in output, output[-3000:]
+    assert not runs.exists() or not any(runs.iterdir())  # nothing ran: no run directory

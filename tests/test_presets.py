@@ -9,6 +9,7 @@ import pytest
 
 from common.config import RunConfig
 from server.compare.plan import PlanError, read_preset
+from server.preflight import preflight
 from tests.conftest import REPO, pyproject_run_config
 
 PRESETS = sorted((REPO / "conf").glob("*.toml"))
@@ -30,8 +31,32 @@ def test_every_preset_is_a_valid_run_config_that_says_what_it_reproduces(path: P
     if path.stem != "ci":
         assert "# Reproduces:" in path.read_text()
     if path.stem.startswith("base-to-novel-"):
-        assert cfg.partition == "base-to-novel" and cfg.domains == () and cfg.model_name == "ViT-B-16"
+        assert cfg.partition == "base-to-novel" and cfg.domains == ()
         assert (cfg.num_server_rounds, cfg.local_epochs, cfg.shots, cfg.learning_rate) == (50, 2, 16, 0.001)
+
+
+PAPER_PRESETS = [p for p in PRESETS if p.stem not in ("miniature", "ci")]
+OPENAI_WEIGHTS = "~/.cache/pfedmma/weights/ViT-B-16-quickgelu-openai.safetensors"
+
+
+@pytest.mark.parametrize("path", PAPER_PRESETS, ids=lambda p: p.stem)
+def test_paper_presets_load_openai_weights_from_a_local_file_as_quickgelu(path: Path) -> None:
+    # OpenAI's weights need QuickGELU (SPEC section 1); the file is made offline by pfedmma-weights.
+    cfg = RunConfig.from_flower({**pyproject_run_config(), **read_preset(path)})
+    assert (cfg.model_name, cfg.pretrained) == ("ViT-B-16-quickgelu", OPENAI_WEIGHTS)
+    text = path.read_text()
+    assert "pfedmma-weights --source ViT-B-16.pt --format openai" in text and 'pretrained = "openai"' in text
+
+
+@pytest.mark.parametrize("path", PAPER_PRESETS, ids=lambda p: p.stem)
+def test_paper_presets_pass_the_server_preflight_without_the_weights_file(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The clients have the weights (and the data); a server without them must not stop the run.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = RunConfig.from_flower({**pyproject_run_config(), **read_preset(path)})
+    assert not Path(cfg.pretrained).expanduser().exists()
+    preflight(cfg, num_clients=None)
 
 
 def test_the_miniature_preset_is_the_default_run_config() -> None:
@@ -51,7 +76,7 @@ def test_a_preset_must_be_flat_toml(tmp_path: Path) -> None:
         read_preset(tmp_path / "missing.toml")
 
 
-@pytest.mark.parametrize("path", [p for p in PRESETS if p.stem not in ("miniature", "ci")], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", PAPER_PRESETS, ids=lambda p: p.stem)
 def test_paper_presets_list_every_key_so_no_miniature_default_leaks_in(path: Path) -> None:
     # Flower fills a missing key from pyproject.toml, i.e. from the miniature.
     assert set(read_preset(path)) == set(pyproject_run_config())

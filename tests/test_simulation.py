@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from common.config import RunConfig
@@ -36,8 +37,14 @@ def test_flwr_run_three_clients_two_rounds(flwr_home: Path, tmp_path: Path) -> N
             assert abs(m["base"] - (m["local"] + 2 * m["base-other"]) / 3) <= 1 / 48 + 1e-9
         assert {"local", "base", "novel", "hm3", "hm2"} <= set(row["evaluation"])
         assert row["bytes-received"] > 0 and row["train-loss"] > 0
+        # Where each client ran: a GPU where this machine has one (the test gives clients a share), else the CPU.
+        assert set(row["device"]) == {"0", "1", "2"}
+        expected = "cuda" if torch.cuda.is_available() else "cpu"
+        assert {d["type"] for d in row["device"].values()} == {expected}, row["device"]
+        assert {d["dtype"] for d in row["device"].values()} <= {"fp32", "bf16", "fp16"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds-completed"] == 2 and summary["selected-round"] == 2
+    assert set(summary["device"]) == {"0", "1", "2"} and all("peak-memory-mb" in d for d in summary["device"].values())
     assert summary["evaluation"] == rows[-1]["evaluation"]
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert set(evaluation["per-client"]) == {"0", "1", "2"}

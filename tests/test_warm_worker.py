@@ -193,3 +193,19 @@ def test_a_worker_dying_mid_message_degrades_and_each_run_config_gets_its_own_wo
     assert len(_workers(node)) == 2 and replacement in _workers(node)
     assert len(list(node.glob("*.sock"))) == 2
     assert all((p.stat().st_mode & 0o777) == 0o600 for p in node.glob("*.log"))
+
+
+def test_only_the_nodes_latest_gpu_user_keeps_gpu_memory_when_idle(tmp_path: Path) -> None:
+    """The GPU rule of an idle worker (client.worker.idle_action) and the holder file it reads."""
+    from client.worker import claim_gpu, idle_action, read_holder
+
+    me, other = 100, 200
+    assert idle_action(5.0, 120.0, holds_gpu=False, holder=other, me=me) == "keep"  # nothing on a GPU
+    assert idle_action(5.0, 120.0, holds_gpu=True, holder=other, me=me) == "exit"  # another run's worker took over
+    assert idle_action(5.0, 120.0, holds_gpu=True, holder=me, me=me) == "keep"  # between rounds: stay warm
+    assert idle_action(121.0, 120.0, holds_gpu=True, holder=me, me=me) == "release"
+    assert idle_action(121.0, 120.0, holds_gpu=True, holder=None, me=me) == "release"
+    assert read_holder(tmp_path) is None
+    claim_gpu(tmp_path)
+    assert read_holder(tmp_path) == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu-holder"]  # written atomically, no temp file left

@@ -34,6 +34,12 @@ class ImageSource(ABC):
     def image(self, index: int) -> Image.Image:
         """Decode image ``index`` as RGB."""
 
+    def cache_key(self) -> str | None:
+        """A name for this source's pixels, index by index, that any process building the same
+        source computes alike (a cache shared between processes, ``common.data.image_store``, files
+        decoded images under it); None when there is none, and then only this process caches them."""
+        return None
+
 
 @dataclass(frozen=True)
 class SplitSources:

@@ -9,6 +9,7 @@ the count is logged and kept on the source.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -138,6 +139,27 @@ class FileImageSource(ImageSource):
 
     def image(self, index: int) -> Image.Image:
         return open_rgb(self.path(index))
+
+    def cache_key(self) -> str | None:
+        """Every file's path, size and modification time, in order: editing, replacing or adding
+        a file gives a new key, so decoded pixels cached under the old one are never served for it.
+        One ``stat`` per file, once per source (again if :meth:`drop_unreadable` changed the list)."""
+        memo = self.__dict__.get("_cache_key_memo")
+        if memo is not None and memo[0] is self.paths:
+            return memo[1]
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(os.path.abspath(self.root).encode() if self.root is not None else b"")
+        key: str | None
+        try:
+            for i, rel in enumerate(self.paths):
+                stat = os.stat(self.path(i))
+                name = rel if self.root is not None else os.path.abspath(rel)
+                digest.update(f"\0{name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            key = f"files:{len(self.paths)}:{digest.hexdigest()}"
+        except OSError:  # a missing file: nothing to key on (reading it will say what is wrong)
+            key = None
+        self._cache_key_memo = (self.paths, key)
+        return key
 
     def drop_unreadable(self) -> int:
         """Decode every file, drop the unreadable ones, log and return how many were dropped."""

@@ -6,6 +6,11 @@ crafted pickle can make it do, open_clip retries with torch's default, and that 
 runs, the file's content wherever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set. Reading the file
 here first, with the same safe reader, means open_clip only ever gets a file that its first,
 safe read accepts. What is read here also explains a file that does not fit the model.
+
+A safetensors file may also record the architecture its weights need, in its metadata (written
+by ``pfedmma-weights``, ``common/model/prepare_weights.py``): the open_clip model name to load it
+as, and whether that model uses QuickGELU. The file's weights do not show their activation, so
+without this record OpenAI's QuickGELU weights load into a GELU model without any error.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 import pickle
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +36,59 @@ EXPECTED = (
 )
 
 
+# The metadata keys that record the architecture. ``model_name`` is also what
+# scripts/pretrain_tiny_clip.py writes into the bundled checkpoint.
+MODEL_NAME_KEY = "model_name"
+QUICK_GELU_KEY = "quick_gelu"
+_BOOLEANS = {"true": True, "false": False}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a checkpoint file says it must be loaded as."""
+
+    model_name: str  # the open_clip model name
+    quick_gelu: bool | None  # None: not recorded, the model config's own activation applies
+
+
+def architecture_metadata(model_name: str, quick_gelu: bool) -> dict[str, str]:
+    """The safetensors metadata entries that :func:`read_architecture` reads back."""
+    return {MODEL_NAME_KEY: model_name, QUICK_GELU_KEY: "true" if quick_gelu else "false"}
+
+
+def read_architecture(pretrained: str, path: Path) -> Architecture | None:
+    """The architecture recorded in a safetensors file's metadata; None when the file records
+    none (or is not a safetensors file, whose format has no metadata). Only the file's header
+    is read."""
+    if not path.name.endswith(".safetensors"):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors fails in several types; each is the file's
+        raise unreadable(pretrained, path, err) from None
+    name = metadata.get(MODEL_NAME_KEY)
+    if not name:
+        return None
+    flag = metadata.get(QUICK_GELU_KEY)
+    if flag is not None and flag.lower() not in _BOOLEANS:
+        raise CheckpointError(
+            f"pretrained={pretrained!r}: {path} records {QUICK_GELU_KEY}={flag!r} in its metadata; "
+            "expected 'true' or 'false'. Re-create the file with pfedmma-weights"
+        )
+    return Architecture(model_name=name, quick_gelu=None if flag is None else _BOOLEANS[flag.lower()])
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (the format of OpenAI's released CLIP files): a zip file holding
+    compiled code, which ``torch.save`` files never do. Only the zip's directory is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):  # not a zip, or a broken one: the readers say why
+        return False
+
+
 def read_shapes(pretrained: str, path: Path) -> Shapes:
     """Name -> shape of every tensor in the file; :class:`CheckpointError` when it is not a
     checkpoint of tensors (garbage, truncated, a pickled object)."""
@@ -43,6 +102,10 @@ def _shapes(path: Path) -> Shapes:
     if path.name.endswith(".safetensors"):  # open_clip picks its reader by this suffix too
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    if is_torchscript(path):
+        # Loading it would need torch.jit.load, which the run's loader never does (see prepare_weights).
+        raise TypeError("it is a TorchScript archive (OpenAI's released format): convert it once with "
+                        "`pfedmma-weights --source FILE --format openai`")
     # mmap: tensors of a zip-format file are mapped, not read; an older file is read whole.
     content = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     if isinstance(content, Mapping) and "state_dict" in content:  # a training checkpoint, as open_clip reads it
@@ -58,7 +121,7 @@ def _shapes(path: Path) -> Shapes:
 
 def unreadable(pretrained: str, path: Path, err: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"pretrained={pretrained!r}: cannot read {path} as model weights ({_reason(err)}); {EXPECTED}. "
+        f"pretrained={pretrained!r}: cannot read {path} as model weights ({reason(err)}); {EXPECTED}. "
         "Re-export the weights in one of these formats, or set pretrained to another file, an open_clip "
         "tag or a bundled checkpoint name"
     )
@@ -94,7 +157,8 @@ def mismatch(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[
     return "; ".join(parts)
 
 
-def _reason(err: BaseException) -> str:
+def reason(err: BaseException) -> str:
+    """Why a file could not be read, on one line, without torch's advice to unpickle it."""
     # torch's own text for a refused pickle recommends weights_only=False, i.e. running the file.
     text = str(err).strip()
     if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:

@@ -4,6 +4,10 @@
 the name of a checkpoint shipped in ``common/weights/`` (``"pfedmma-tiny-shapes"``, the
 offline default), a path to a local checkpoint file, or empty / ``"none"`` for random
 initialisation.
+
+A file written by ``pfedmma-weights`` records the model name it must be loaded as (and its
+activation); a different ``model-name`` is refused, because the weights would load without
+error into blocks with the wrong activation.
 """
 
 from __future__ import annotations
@@ -104,21 +108,22 @@ def bundled_checkpoint(name: str) -> Path | None:
 
 def resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, bool]:
     """Return (open_clip pretrained argument, force_quick_gelu); raise :class:`CheckpointError`
-    for a missing file or an unknown tag."""
+    for a missing file, an unknown tag, or a file that records another model name."""
     if pretrained.lower() in NO_PRETRAINED:
         return None, False
-    if Path(pretrained).expanduser().is_file():
-        return str(Path(pretrained).expanduser()), False
-    bundled = bundled_checkpoint(pretrained)
-    if bundled is not None:
-        return str(bundled), False
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        path = bundled_checkpoint(pretrained) or path
+    if path.is_file():
+        return str(path), _file_quick_gelu(model_name, pretrained, path)
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
         looks_like_path = any(sep in pretrained for sep in ("/", "\\", "."))
         if looks_like_path:
             raise CheckpointError(
                 f"pretrained={pretrained!r}: no such checkpoint file "
-                f"(and not an open_clip tag of {model_name!r}); give the path of a checkpoint present on every node"
+                f"(and not an open_clip tag of {model_name!r}); give the path of a checkpoint present on every node "
+                "(pfedmma-weights makes one from OpenAI's or open_clip's released weights; docs/deployment.md)"
             )
         raise CheckpointError(
             f"pretrained={pretrained!r} is not a tag of model {model_name!r}; "
@@ -129,6 +134,44 @@ def resolve_pretrained(model_name: str, pretrained: str) -> tuple[str | None, bo
     # without error but every activation is subtly wrong.
     quick_gelu = pretrained == "openai" and not model_name.endswith("-quickgelu")
     return pretrained, quick_gelu
+
+
+def activation(model_name: str, quick_gelu: bool = False) -> str:
+    """The MLP activation ``model_name`` builds ("QuickGELU" or "GELU")."""
+    config = open_clip.get_model_config(model_name) or {}
+    return "QuickGELU" if quick_gelu or config.get("quick_gelu", False) else "GELU"
+
+
+_UNCHECKED: set[str] = set()  # files already warned about, so a process warns once per file
+
+
+def _file_quick_gelu(model_name: str, pretrained: str, path: Path) -> bool:
+    """force_quick_gelu for a checkpoint file, from the architecture it records.
+
+    The recorded activation is forced rather than trusted to the config, so that a model without
+    a ``-quickgelu`` config (the project's tiny ones) still gets the activation its weights need.
+    """
+    recorded = checkpoint.read_architecture(pretrained, path)
+    if recorded is None:
+        key = str(path.resolve())
+        if key not in _UNCHECKED and not checkpoint.is_torchscript(path):  # that one is refused, with the way out
+            _UNCHECKED.add(key)
+            log.warning(
+                "pretrained=%r: %s records no architecture, so whether model-name=%r (%s) has the activation "
+                "its weights were trained with cannot be checked (OpenAI's weights need QuickGELU); "
+                "pfedmma-weights writes files that record it",
+                pretrained, path, model_name, activation(model_name),
+            )
+        return False
+    if recorded.model_name != model_name:
+        needs, builds = activation(recorded.model_name, bool(recorded.quick_gelu)), activation(model_name)
+        why = (f"its {builds} blocks would load these {needs} weights without any error and compute wrong features"
+               if needs != builds else "it is another architecture")
+        raise CheckpointError(
+            f"pretrained={pretrained!r}: {path} records that its weights are for model-name={recorded.model_name!r} "
+            f"({needs}), not model-name={model_name!r}: {why}. Set model-name={recorded.model_name!r}"
+        )
+    return bool(recorded.quick_gelu)
 
 
 def build_clip(
@@ -190,8 +233,7 @@ def _create(model_name: str, pretrained: str, weights: str | None, quick_gelu: b
         except Exception as err:
             if path is None or found is None:
                 raise
-            expected = {k: tuple(v.shape) for k, v in _meta_model(model_name).state_dict().items()}
-            raise checkpoint.does_not_fit(pretrained, path, model_name, found, expected, err) from None
+            raise checkpoint.does_not_fit(pretrained, path, model_name, found, state_shapes(model_name), err) from None
 
 
 class _NoWeightsWarning(logging.Filter):
@@ -223,6 +265,11 @@ def _meta_model(model_name: str) -> nn.Module:
     """The model's structure on the meta device: shapes without memory or weights."""
     with weights_loaded_elsewhere():
         return open_clip.create_model(model_name, pretrained=None, device="meta")
+
+
+def state_shapes(model_name: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the model's state dict, from the meta device."""
+    return {k: tuple(v.shape) for k, v in _meta_model(model_name).state_dict().items()}
 
 
 def backbone_parameter_count(model_name: str) -> int:
