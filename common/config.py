@@ -46,7 +46,7 @@ class RunConfig(BaseModel):
     # stops, naming the nodes it saw (Flower itself would wait forever).
     node_wait_timeout: float = Field(600.0, gt=0.0)
     seed: int = Field(0, ge=0)
-    # method (SPEC §5): a key of common.methods.METHODS
+    # method (docs/paper.md §5): a key of common.methods.METHODS
     method: str = "pfedmma"
     # model
     model_name: str = "ViT-B-16"
@@ -88,7 +88,7 @@ class RunConfig(BaseModel):
     pfedmoap_gate_heads: int = Field(8, gt=0)
     pfedmoap_gate_scaling: float = Field(10.0, gt=0.0)  # attention score scale
     pfedmoap_gate_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # on the attention weights
-    # data and partition (SPEC §3)
+    # data and partition (docs/paper.md §3)
     dataset: str = "shapes"  # a name from common.data.registry.DATASET_NAMES
     data_dir: str = ""  # default for nodes that set none
     # Comma-separated domains (shapes: styles); "" = the dataset's default (all its domains;
@@ -102,9 +102,9 @@ class RunConfig(BaseModel):
     # Leave out (and count) images of a client's shard that are missing or undecodable,
     # instead of stopping the run with the list of bad files.
     skip_corrupt: StrictBool = False
-    # evaluation (SPEC §4)
+    # evaluation (docs/paper.md §4)
     eval_every: int = Field(1, ge=0)  # Base/Novel every N rounds and at the end; 0 = end only
-    model_selection: Literal["last", "val"] = "last"  # never on test data (SPEC §6.4)
+    model_selection: Literal["last", "val"] = "last"  # never on test data (docs/paper.md §6.4)
     # Which split Local/Base/Novel are measured on: "val" for choosing hyper-parameters
     # (scripts/tune_lr.py), "test" for reporting; never tune on "test".
     eval_split: Literal["test", "val"] = "test"

@@ -1,4 +1,4 @@
-"""The evaluation protocol's arithmetic (SPEC §4).
+"""The evaluation protocol's arithmetic (docs/paper.md §4).
 
 Per client: Local (own test split), Base (full base-class test set), Novel (novel class
 names, full novel test set), and Base-other (the base test images of other clients' classes:

@@ -1,4 +1,4 @@
-"""Image transforms (SPEC §2): train = random resized crop + flip; test = resize + center crop.
+"""Image transforms (docs/paper.md §2): train = random resized crop + flip; test = resize + center crop.
 
 The training transform draws its crop and flip from a ``torch.Generator`` it is given, never
 from torch's global RNG: a client's augmentations are then a function of (seed, client,

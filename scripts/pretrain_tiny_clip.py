@@ -53,7 +53,7 @@ from common.model.clip import build_clip
 
 MODEL_NAME = "pfedmma-tiny"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "common" / "weights" / "pfedmma-tiny-shapes.safetensors"
-EVAL_TEMPLATE = "a photo of a {}."  # the federated prompt (SPEC section 1)
+EVAL_TEMPLATE = "a photo of a {}."  # the federated prompt (docs/paper.md section 1)
 ALL_LABELS = list(range(len(class_names())))
 # Text kinds; a caption is a positive for every image it truly describes (see _positives).
 STYLED, PLAIN, COLOUR, SHAPE = 0, 1, 2, 3

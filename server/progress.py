@@ -1,5 +1,5 @@
 """End-of-round bookkeeping: one printed line, one metrics row, one global checkpoint;
-and at the end the evaluation tables (SPEC §4) of the selected round."""
+and at the end the evaluation tables (docs/paper.md §4) of the selected round."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def test_pyproject_defaults_validate_and_cover_every_key() -> None:
     ("override", "message"),
     [
         ({"learning-rate": -0.1}, "learning-rate=-0.1 is invalid"),
-        ({"amp": "false"}, "amp='false' is invalid"),  # strings are not booleans (SPEC §6.5)
+        ({"amp": "false"}, "amp='false' is invalid"),  # strings are not booleans (docs/paper.md §6.5)
         ({"local-epochs": 0}, "local-epochs=0 is invalid"),
         ({"fraction-train": 1.5}, "fraction-train=1.5 is invalid"),
         ({"dataset": "mnist"}, "dataset='mnist' is invalid"),

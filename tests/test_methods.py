@@ -31,7 +31,7 @@ def _config(run_config: dict[str, Any], method: str, tmp_path: Path) -> dict[str
 
 
 def _expected_counts(cfg: RunConfig) -> tuple[int, int]:
-    """(shared, private) parameter counts from the shapes in SPEC §1 and §5."""
+    """(shared, private) parameter counts from the shapes in docs/paper.md §1 and §5."""
     mma = adapter_parameter_count(WIDTH, WIDTH, cfg.adapter_rank, cfg.adapter_end - cfg.adapter_start + 1)
     towers, cross = mma["text_private"] + mma["image_private"], mma["shared"]
     context_size = cfg.prompt_tokens * WIDTH

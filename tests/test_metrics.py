@@ -1,4 +1,4 @@
-"""Evaluation arithmetic on known inputs (SPEC §4)."""
+"""Evaluation arithmetic on known inputs (docs/paper.md §4)."""
 
 from __future__ import annotations
 

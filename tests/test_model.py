@@ -39,7 +39,7 @@ def test_unknown_tag_lists_valid_tags_and_missing_file_is_named(tmp_path: Path) 
 
 
 def test_openai_weights_get_quick_gelu() -> None:
-    # OpenAI CLIP was trained with QuickGELU (SPEC §1); the tag must switch it on.
+    # OpenAI CLIP was trained with QuickGELU (docs/paper.md §1); the tag must switch it on.
     assert resolve_pretrained("ViT-B-16", "openai") == ("openai", True)
     assert resolve_pretrained("ViT-B-16-quickgelu", "openai") == ("openai", False)
     assert resolve_pretrained("ViT-B-16", "") == (None, False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -41,7 +42,7 @@ OPENAI_WEIGHTS = "~/.cache/pfedmma/weights/ViT-B-16-quickgelu-openai.safetensors
 
 @pytest.mark.parametrize("path", PAPER_PRESETS, ids=lambda p: p.stem)
 def test_paper_presets_load_openai_weights_from_a_local_file_as_quickgelu(path: Path) -> None:
-    # OpenAI's weights need QuickGELU (SPEC section 1); the file is made offline by pfedmma-weights.
+    # OpenAI's weights need QuickGELU (docs/paper.md section 1); the file is made offline by pfedmma-weights.
     cfg = RunConfig.from_flower({**pyproject_run_config(), **read_preset(path)})
     assert (cfg.model_name, cfg.pretrained) == ("ViT-B-16-quickgelu", OPENAI_WEIGHTS)
     text = path.read_text()
@@ -80,3 +81,16 @@ def test_a_preset_must_be_flat_toml(tmp_path: Path) -> None:
 def test_paper_presets_list_every_key_so_no_miniature_default_leaks_in(path: Path) -> None:
     # Flower fills a missing key from pyproject.toml, i.e. from the miniature.
     assert set(read_preset(path)) == set(pyproject_run_config())
+
+
+def test_the_configuration_reference_documents_every_key() -> None:
+    """docs/config.md is the reference the README points to: every run-config and node-config key is in it."""
+    from common.config import NodeConfig
+
+    text = (REPO / "docs" / "config.md").read_text()
+    documented = set(re.findall(r"`([a-z0-9]+(?:-[a-z0-9]+)+|[a-z]+)`", text))
+    run_keys = {name.replace("_", "-") for name in RunConfig.model_fields}
+    node_keys = {name.replace("_", "-") for name in NodeConfig.model_fields} | {
+        "warm-worker", "warm-worker-dir", "warm-worker-idle", "warm-worker-gpu-idle"}  # read by client.warm
+    assert not run_keys - documented, f"run-config keys missing from docs/config.md: {sorted(run_keys - documented)}"
+    assert not node_keys - documented, f"node-config keys missing from docs/config.md: {sorted(node_keys - documented)}"

@@ -51,7 +51,7 @@ class SplitSources:
     test: ImageSource
     val: ImageSource | None = None
     # The base classes of a base-to-novel split when the dataset defines its own; None = the
-    # first half of the labels (SPEC section 3).
+    # first half of the labels (docs/paper.md section 3).
     base_classes: list[int] | None = None
 
 

@@ -16,7 +16,7 @@ combinations.
     cross       .    .     .    .      B      B     B     B
     ring        B    .     .    .      .      B     B     B
 
-The real datasets take the first ceil(C/2) labels as base (SPEC section 3); on shapes that
+The real datasets take the first ceil(C/2) labels as base (docs/paper.md section 3); on shapes that
 would make the novel classes three whole unseen shapes, a different question (see
 docs/miniature-benchmark.md). The tiny CLIP is pretrained on all 48 compositions in every
 style, as CLIP's web data covers both halves of a CoOp dataset.

@@ -1,4 +1,4 @@
-"""Seeded, reproducible partitions of a dataset over clients (SPEC §3): computed, printed, saved.
+"""Seeded, reproducible partitions of a dataset over clients (docs/paper.md §3): computed, printed, saved.
 
 Four schemes, all pure functions of (labels, domains, num_clients, seed, options):
 

@@ -2,7 +2,7 @@
 
 Text features depend on the trainable state (text adapters, learned prompts), so they are
 computed from the current model every time: every training step, and once per evaluation set.
-Caching them across clients or rounds was the reference implementation's worst bug (SPEC §6.1).
+Caching them across clients or rounds was the reference implementation's worst bug (docs/paper.md §6.1).
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ def attach_mma(model: CLIP, start: int, end: int, rank: int, alpha: float, seed:
 
 
 def adapter_parameter_count(d_text: int, d_image: int, rank: int, num_blocks: int) -> dict[str, int]:
-    """Trainable parameter counts from the shapes alone (SPEC §1); tests compare against this."""
+    """Trainable parameter counts from the shapes alone (docs/paper.md §1); tests compare against this."""
     per_tower = lambda d: (d * rank + rank) + (rank * d + d)
     text = num_blocks * per_tower(d_text)
     image = num_blocks * per_tower(d_image)

@@ -68,7 +68,7 @@ class SharedFedAvg(FedAvg):
 
     ``shared_specs`` is the global shared state's key set, shapes and dtypes: a reply must
     match it exactly, so a reply carrying any tensor outside the method's shared set is
-    rejected. Local accuracy is reported as the unweighted mean over clients (SPEC §4).
+    rejected. Local accuracy is reported as the unweighted mean over clients (docs/paper.md §4).
     Subclasses change what each client is sent through :meth:`personalise`.
 
     A client's evaluation counts in the means only once that client has trained in this run
@@ -385,7 +385,7 @@ class SharedFedAvg(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Per-client accuracies are kept; the aggregate is their unweighted mean (SPEC §4)."""
+        """Per-client accuracies are kept; the aggregate is their unweighted mean (docs/paper.md §4)."""
         server_round = self.real_round(server_round)
         stats = self.stats(server_round)
         for msg in replies:
