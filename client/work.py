@@ -31,7 +31,14 @@ from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData, EvalSet, SeededAugmentation
 from common.data.eval_cache import cacheable, eval_batches, set_budgets
-from common.device import Precision, configure_determinism, device_report, precision, reset_peak_memory
+from common.device import (
+    Precision,
+    bound_gpu_share,
+    configure_determinism,
+    device_report,
+    precision,
+    reset_peak_memory,
+)
 from common.errors import PERMANENT_ERROR_CODE, PermanentError, is_disk_full, one_line
 from common.methods import Method, StepInputs, method_for
 from common.methods.classifiers import Classifier
@@ -72,6 +79,7 @@ class ClientJob:
         method = method_for(cfg)
         configure_determinism(cfg.deterministic)
         device = pick_device()
+        bound_gpu_share(device)
         reset_peak_memory(device)
         bundle = shared_model(cfg, device, node.cache_dir)
         checked = shard(cfg, node.partition_id, node.num_partitions, node.data_dir, bundle)

@@ -22,6 +22,7 @@ import glob
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,32 @@ def configure_determinism(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = not deterministic
     torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+_BOUNDED: set[str] = set()
+
+
+def assigned_gpu_share() -> float | None:
+    """The GPU share Ray gave this process (a simulated client), or None outside Ray."""
+    ray = sys.modules.get("ray")  # only a Ray worker has imported it; never imported here
+    if ray is None or not ray.is_initialized():
+        return None
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    return float(share) if share else None
+
+
+def bound_gpu_share(device: torch.device) -> float | None:
+    """Hold a simulated client to its share of the GPU's memory (Ray shares compute, not memory:
+    without this one client's caches could take the card from the others). Once per process."""
+    if device.type != "cuda" or str(device) in _BOUNDED:
+        return None
+    _BOUNDED.add(str(device))
+    share = assigned_gpu_share()
+    if share is None or share >= 1.0:
+        return None
+    torch.cuda.set_per_process_memory_fraction(share, device)
+    log.info("GPU memory held to this client's share: %.2f of %s", share, torch.cuda.get_device_name(device))
+    return share
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -162,3 +162,24 @@ def test_a_parity_result_outside_its_bound_is_not_ok() -> None:
     assert Parity("pfedmma", "cuda", "fp32", FP32_TOLERANCE / 2, FP32_TOLERANCE / 2, 1.0).ok()
     assert not Parity("pfedmma", "cuda", "fp32", 10 * FP32_TOLERANCE, 0.0, 1.0).ok()
     assert not Parity("pfedmma", "cuda", "bf16", 0.5, None, 0.5).ok()
+
+
+def test_a_simulated_client_is_held_to_its_gpu_share_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    calls: list[tuple[float, object]] = []
+    ray = types.SimpleNamespace(
+        is_initialized=lambda: True,
+        get_runtime_context=lambda: types.SimpleNamespace(get_assigned_resources=lambda: {"GPU": 0.25, "CPU": 2.0}),
+    )
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(dev, "_BOUNDED", set())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda share, device: calls.append((share, device)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a GPU")
+    assert dev.bound_gpu_share(torch.device("cpu")) is None and not calls
+    assert dev.bound_gpu_share(torch.device("cuda:0")) == 0.25
+    assert calls == [(0.25, torch.device("cuda:0"))]
+    assert dev.bound_gpu_share(torch.device("cuda:0")) is None and len(calls) == 1  # once per process
+    monkeypatch.delitem(sys.modules, "ray")
+    assert dev.assigned_gpu_share() is None  # outside a simulation: the whole card
