@@ -120,7 +120,7 @@ class ClientJob:
         return min(AUTO_LOADER_WORKERS, os.cpu_count() or 1) if self.device.type == "cuda" else 0
 
     def device_record(self) -> ConfigRecord:
-        return ConfigRecord(device_report(self.device, self.precision, self.cfg.deterministic))
+        return ConfigRecord(dict(device_report(self.device, self.precision, self.cfg.deterministic)))
 
     def eval_batches(self, dataset: Dataset, server_round: int) -> Iterable:
         """Test images decoded once per process and reused (``common.data.eval_cache``), in large

@@ -155,22 +155,22 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def device_report(device: torch.device, chosen: Precision, deterministic: bool) -> dict[str, str | float | bool]:
+def device_report(device: torch.device, chosen: Precision, deterministic: bool) -> dict[str, str | float | int | bool]:
     """What a client says about where it ran: strings and numbers only (a ConfigRecord)."""
-    report: dict[str, str | float | bool] = {
+    report: dict[str, str | float | int | bool] = {
         "type": device.type, "dtype": chosen.name, "deterministic": deterministic, "name": "cpu",
         "peak-memory-mb": 0.0, "torch": torch.__version__,
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        report.update(
-            name=torch.cuda.get_device_name(index),
-            capability=f"{major}.{minor}",
-            **{"peak-memory-mb": round(torch.cuda.max_memory_allocated(index) / 2**20, 1),
-               "total-memory-mb": round(torch.cuda.get_device_properties(index).total_memory / 2**20, 1),
-               "cuda": str(torch.version.cuda)},
-        )
+        report.update({
+            "name": torch.cuda.get_device_name(index),
+            "capability": f"{major}.{minor}",
+            "peak-memory-mb": round(torch.cuda.max_memory_allocated(index) / 2**20, 1),
+            "total-memory-mb": round(torch.cuda.get_device_properties(index).total_memory / 2**20, 1),
+            "cuda": str(torch.version.cuda),
+        })
     return report
 
 

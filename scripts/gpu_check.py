@@ -190,7 +190,8 @@ def warm_worker(device: torch.device, work_dir: Path) -> Report:
     from tests.flower_messages import instruction
 
     config = {**pyproject_run_config(), "state-dir": str(work_dir / "warm-state"), "local-epochs": 1}
-    node = {"partition-id": 0, "num-partitions": 3, "warm-worker-dir": str(work_dir / "warm"), "warm-worker-idle": 10}
+    node: dict[str, bool | float | int | str] = {"partition-id": 0, "num-partitions": 3,
+                                                  "warm-worker-dir": str(work_dir / "warm"), "warm-worker-idle": 10}
     ctx = Context(run_id=7, node_id=100, node_config=node, state=RecordDict(), run_config=config)
     shared = method_for(RunConfig.from_flower(config)).initial_state()[Role.SHARED]
     started = time.perf_counter()
