@@ -16,13 +16,16 @@
 # adds missing node keys only) unless --force is given. Needs openssl, and ssh-keygen or a
 # python3 with the `cryptography` package (any Flower environment has it).
 #
-# Every private key (ca.key, superlink.key, supernode-N) is created mode 0600, readable by its
-# owner only, whoever runs this; certificates and .pub files are 0644. The containers run as
-# uid 49999: run as root, this script gives superlink.key and the SuperNode keys to that uid
-# (still 0600). Run as another user, the keys stay yours and the script says how to hand them
-# to the containers (docs/deployment.md, "TLS and SuperNode authentication"):
+# Modes: OUT itself 0755 and certificates and .pub files 0644, so that the containers' user
+# (uid 49999) can enter OUT and read ca.crt, also when the whole folder is mounted (-v OUT:/certs);
+# every private key (ca.key, superlink.key, supernode-N) 0600, readable by its owner only,
+# whoever runs this. Run as root, this script gives superlink.key and the SuperNode keys to
+# uid 49999 (still 0600). Run as another user, the keys stay yours and the script says how to
+# hand them to the containers (docs/deployment.md, "TLS and SuperNode authentication"):
 #   sudo chown 49999:49999 OUT/superlink.key OUT/supernode-0 ...
-# ca.key never goes into a container: keep it offline.
+# ca.key is never given to that uid (in a mounted OUT it is there but unreadable); the compose
+# files mount single files and leave it out. Keep it offline.
+# Re-running also repairs these modes (e.g. an OUT made 0700 by an older version).
 set -euo pipefail
 umask 077  # nothing this script creates is readable by others until it says so below
 
@@ -44,7 +47,11 @@ while (($#)); do
 done
 [[ "$nodes" =~ ^[0-9]+$ ]] || { echo "make_certs.sh: --nodes must be a number, got '$nodes'" >&2; exit 2; }
 
-mkdir -p "$out"
+# Made traversable here (not by the umask above): the private keys inside stay 0600, and a
+# folder the containers cannot enter breaks a mounted OUT ("--root-certificates does not
+# point to a file"). Parents it creates get the usual 0755 too.
+(umask 022 && mkdir -p "$out")
+chmod 0755 "$out"
 cd "$out"
 if ((force)); then rm -f ca.crt ca.key ca.srl superlink.crt superlink.key superlink.csr supernode-*; fi
 

@@ -39,6 +39,9 @@ IMAGE = os.environ.get("PFEDMMA_TEST_IMAGE", "pfedmma:compose-test")
 FLWR = str(Path(sys.executable).parent / "flwr")
 # Small enough for 2 CPU cores: the tiny CLIP on the procedural dataset, 2 rounds.
 RUN_CONFIG = "num-server-rounds=2 shots=2 test-per-class=2 batch-size=16 output-dir='/results'"
+# The tiny CLIP's checkpoint, put in the mounted weights folder and loaded from there by path, as
+# real weights are (the presets' "~/.cache/pfedmma/weights/..." or "/weights/...").
+CHECKPOINT = REPO / "common" / "weights" / "pfedmma-tiny-shapes.safetensors"
 
 needs_docker = pytest.mark.skipif(
     os.environ.get("PFEDMMA_DOCKER_TESTS") != "1",
@@ -46,6 +49,10 @@ needs_docker = pytest.mark.skipif(
 )
 
 TIMINGS: dict[str, float] = {}
+# The ServerApp's last line (server/progress.py), e.g. "[pfedmma] done (pfedmma): 2 rounds; results
+# in ...". The method in parentheses is optional here so that a change of that detail does not
+# turn a completed federation into a failed test.
+DONE_2_ROUNDS = re.compile(r"\[pfedmma\] done(?: \([^)]*\))?: 2 rounds\b")
 
 
 def _free_port() -> int:
@@ -117,9 +124,18 @@ class Compose:
         self("down", "-v", "--remove-orphans", "--timeout", "20", timeout=300, check=False)
 
 
+def _run_config(clients: int, pretrained: str) -> str:
+    """Every client in every round. The ServerApp waits (node-wait-timeout) until all of them have
+    joined: a SuperNode is healthy when its own API answers, which on a loaded machine can be
+    before the SuperLink knows it, and round 1 would otherwise start with the first two."""
+    wait_for_all = f"min-available-nodes={clients} min-train-nodes={clients} min-evaluate-nodes={clients}"
+    return f"{RUN_CONFIG} {wait_for_all} pretrained='{pretrained}'"
+
+
 def _base_env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "weights").mkdir(exist_ok=True)
+    shutil.copy(CHECKPOINT, tmp_path / "weights" / CHECKPOINT.name)
     return {
         **os.environ,
         "PFEDMMA_IMAGE": IMAGE,
@@ -206,10 +222,18 @@ def test_compose_up_and_flwr_run_complete_a_federation(single_machine: tuple[Com
     states = {json.loads(line)["Service"]: json.loads(line)["State"] for line in ps.splitlines() if line.strip()}
     assert len(states) == 8 and set(states.values()) == {"running"}, states
 
+    # The weights folder is also where the presets look (HOME=/app), and ~/.cache/pfedmma stays the
+    # app user's: Docker would make the mount point's missing parents root's.
+    preset_path = f"~/.cache/pfedmma/weights/{CHECKPOINT.name}"
+    for service in ("serverapp", "clientapp-0"):
+        compose("exec", "-T", service, "sh", "-c",
+                f"test -r {preset_path} && test -r /weights/{CHECKPOINT.name} && test -w ~/.cache/pfedmma", timeout=120)
+
     env = _flwr_home(tmp_path, "local-deployment", f"127.0.0.1:{port}")
     output = _timed("flwr_run_2_rounds", [FLWR, "run", ".", "local-deployment", "--stream",
-                                          "--run-config", RUN_CONFIG], timeout=1800, env=env)
-    assert "[pfedmma] done: 2 rounds" in output, output[-4000:]
+                                          "--run-config", _run_config(3, preset_path)], timeout=1800, env=env)
+    (tmp_path / "flwr-run.log").write_text(output)  # the ServerApp's lines, next to compose.log
+    assert DONE_2_ROUNDS.search(output), output[-4000:]
     _check_results(compose.project, clients=[0, 1, 2])
     # Nothing was installed at run time: the dependencies are baked into the image.
     logs = compose("logs", "--no-color", "serverapp", "clientapp-0").stdout
@@ -262,9 +286,10 @@ def test_tls_server_and_clients_on_separate_machines(tmp_path: Path, image: str)
         assert refused.returncode != 0, refused.stdout[-2000:]
         assert "Failed to activate SuperNode" in refused.stdout + refused.stderr, (refused.stdout + refused.stderr)[-2000:]
 
-        output = _timed("tls_flwr_run_2_rounds", [FLWR, "run", ".", "server-tls", "--stream",
-                                                  "--run-config", RUN_CONFIG], timeout=1800, env=cli)
-        assert "[pfedmma] done: 2 rounds" in output, output[-4000:]
+        output = _timed("tls_flwr_run_2_rounds", [FLWR, "run", ".", "server-tls", "--stream", "--run-config",
+                                                  _run_config(2, f"/weights/{CHECKPOINT.name}")], timeout=1800, env=cli)
+        (tmp_path / "flwr-run.log").write_text(output)
+        assert DONE_2_ROUNDS.search(output), output[-4000:]
         _check_results(server.project, clients=[0, 1], state_volume="pfedmma-e2e-client-{i}_state")
     finally:
         for client in clients:
@@ -305,3 +330,161 @@ def test_compose_commands_use_flags_that_flower_knows(name: str) -> None:
             )
         if program == "flower-superlink":
             assert "--insecure" in args or any(a.startswith("--ssl-certfile=") for a in args), service
+
+
+# -- GPU reservations and mounts, resolved as Compose resolves them ---------------------------------
+
+CLIENTAPPS = ("clientapp-0", "clientapp-1", "clientapp-2")
+# Compose needs these three for compose.client.yaml (`${VAR:?...}`); their values do not matter here.
+CLIENT_REQUIRED = {"SUPERLINK_ADDRESS": "server.example.org:9093", "PARTITION_ID": "3", "NUM_PARTITIONS": "10"}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _substitute(text: str, env: dict[str, str]) -> str:
+    """Compose's variable interpolation of one string: `$$`, `$VAR`, `${VAR}` and `${VAR:-d}`,
+    `${VAR-d}`, `${VAR:?e}`, `${VAR?e}`, `${VAR:+a}`, `${VAR+a}`, defaults nested as Compose allows."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] != "$":
+            out.append(text[i])
+            i += 1
+        elif text.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif text.startswith("${", i):
+            name = _NAME.match(text, i + 2)
+            assert name, f"bad interpolation at {text[i:]!r}"
+            j, depth = name.end(), 1
+            operator = next((op for op in (":-", ":?", ":+", "-", "?", "+") if text.startswith(op, j)), "")
+            start = j + len(operator)
+            k = start
+            while depth:  # the matching brace, past nested ${...} in the default
+                assert k < len(text), f"unclosed ${{ in {text!r}"
+                depth += text.startswith("${", k) - (text[k] == "}")
+                k += 2 if text.startswith("${", k) else 1
+            word = _substitute(text[start:k - 1], env)
+            value = env.get(name.group())
+            unset_or_empty = value is None or (operator.startswith(":") and value == "")
+            if operator in (":-", "-"):
+                out.append(word if unset_or_empty else value or "")
+            elif operator in (":?", "?"):
+                assert not unset_or_empty, f"${{{name.group()}}} is required: {word}"
+                out.append(value or "")
+            elif operator in (":+", "+"):
+                out.append("" if unset_or_empty else word)
+            else:
+                assert not operator and text[j] == "}", f"unsupported interpolation {text[i:k]!r}"
+                out.append(value or "")
+            i = k
+        else:
+            name = _NAME.match(text, i + 1)
+            assert name, f"a lone $ in {text!r} (Compose wants $$)"
+            out.append(env.get(name.group(), ""))
+            i = name.end()
+    return "".join(out)
+
+
+def _interpolate(value: object, env: dict[str, str]) -> object:
+    if isinstance(value, str):
+        return _substitute(value, env)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    return value
+
+
+def _services(name: str, env: dict[str, str] | None = None) -> dict[str, dict]:
+    """One compose file's services, merge keys applied, variables resolved from `env` only."""
+    raw = yaml.load((REPO / name).read_text(), Loader=_ComposeLoader)["services"]
+    return _interpolate(raw, env or {})  # type: ignore[return-value]
+
+
+def _gpu_ids(service: dict) -> list[str]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    gpus = [d for d in devices if "gpu" in d.get("capabilities", [])]
+    assert len(gpus) == 1 and gpus[0]["driver"] == "nvidia", devices
+    assert "device_ids" in gpus[0], f"a GPU reserved without device ids (every such container gets GPU 0): {gpus[0]}"
+    return [str(i) for i in gpus[0]["device_ids"]]
+
+
+def test_clientapps_get_distinct_gpus_settable_per_client() -> None:
+    """`count: 1` would give every clientapp device 0; device ids give each its own GPU."""
+    defaults = _services("compose.yaml")
+    assert [_gpu_ids(defaults[s]) for s in CLIENTAPPS] == [["0"], ["1"], ["2"]]
+    chosen = _services("compose.yaml", {"PFEDMMA_GPU_0": "3", "PFEDMMA_GPU_1": "GPU-5a1e", "PFEDMMA_GPU_2": "3"})
+    assert [_gpu_ids(chosen[s]) for s in CLIENTAPPS] == [["3"], ["GPU-5a1e"], ["3"]]  # two may share one
+    # Only the clients train: nothing else reserves a GPU.
+    assert {s for s, spec in defaults.items() if "deploy" in spec} == set(CLIENTAPPS)
+
+
+def test_the_remote_client_gpu_is_settable() -> None:
+    assert _gpu_ids(_services("compose.client.yaml", CLIENT_REQUIRED)["clientapp"]) == ["0"]
+    chosen = _services("compose.client.yaml", {**CLIENT_REQUIRED, "PFEDMMA_GPU": "7"})
+    assert _gpu_ids(chosen["clientapp"]) == ["7"]
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.client.yaml", "compose.tls.yaml",
+                                  "compose.cpu.yaml", "compose.client.cpu.yaml"])
+def test_no_service_reserves_gpus_by_count(name: str) -> None:
+    for service, spec in _services(name, CLIENT_REQUIRED).items():
+        devices = (spec.get("deploy") or {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        assert all("count" not in d for d in devices), f"{name}: {service} reserves GPUs by count: {devices}"
+
+
+@pytest.mark.parametrize(("base", "cpu"), [("compose.yaml", "compose.cpu.yaml"),
+                                           ("compose.client.yaml", "compose.client.cpu.yaml")])
+def test_the_cpu_overrides_reset_every_gpu_reservation(base: str, cpu: str) -> None:
+    reserved = {s for s, spec in _services(base, CLIENT_REQUIRED).items() if "deploy" in spec}
+    # Kept as plain values by _ComposeLoader: `!reset {}` reads as an empty mapping.
+    reset = {s for s, spec in _services(cpu).items() if spec.get("deploy") == {}}
+    assert reserved and reserved == reset, (base, reserved, cpu, reset)
+    assert "deploy: !reset" in (REPO / cpu).read_text()
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.client.yaml"])
+def test_weights_are_also_where_the_presets_look(name: str) -> None:
+    """`pretrained = "~/.cache/pfedmma/weights/..."` must resolve in the containers (HOME=/app)."""
+    env = {**CLIENT_REQUIRED, "PFEDMMA_WEIGHTS_DIR": "/srv/models"}
+    with_weights = 0
+    for service, spec in _services(name, env).items():
+        mounts = {v.split(":")[1]: v for v in spec.get("volumes", [])}
+        if "/weights" in mounts:
+            with_weights += 1
+            assert mounts.get("/app/.cache/pfedmma/weights") == "/srv/models:/app/.cache/pfedmma/weights:ro", (
+                service, mounts)
+            assert mounts["/weights"] == "/srv/models:/weights:ro", (service, mounts)
+    assert with_weights >= (1 if name == "compose.client.yaml" else 4), name
+
+
+def _compose_config(files: Sequence[str], env: dict[str, str]) -> dict:
+    """`docker compose config` itself, on a clean environment (no GPU variables of the caller's)."""
+    if shutil.which("docker") is None or _run(["docker", "compose", "version"], 60, check=False).returncode != 0:
+        pytest.skip("docker compose is not installed: the YAML-level tests above cover this")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PFEDMMA_", "SUPERLINK_", "SUPERNODE_"))}
+    args = [a for f in files for a in ("-f", str(REPO / f))]
+    result = _run(["docker", "compose", *args, "config", "--format", "json"], 120, {**clean, **env})
+    return json.loads(result.stdout)["services"]  # type: ignore[no-any-return]
+
+
+def test_docker_compose_config_agrees() -> None:
+    """The same, as Docker Compose resolves it (where the binary exists; no engine needed)."""
+    defaults = _compose_config(["compose.yaml"], {})
+    assert [_gpu_ids(defaults[s]) for s in CLIENTAPPS] == [["0"], ["1"], ["2"]]
+    chosen = _compose_config(["compose.yaml"], {"PFEDMMA_GPU_0": "2", "PFEDMMA_GPU_1": "0", "PFEDMMA_GPU_2": "1"})
+    assert [_gpu_ids(chosen[s]) for s in CLIENTAPPS] == [["2"], ["0"], ["1"]]
+    assert not any("deploy" in spec for spec in _compose_config(["compose.yaml", "compose.cpu.yaml"], {}).values())
+    client = _compose_config(["compose.client.yaml"], {**CLIENT_REQUIRED, "PFEDMMA_GPU": "4"})
+    assert _gpu_ids(client["clientapp"]) == ["4"]
+    cpu_client = _compose_config(["compose.client.yaml", "compose.client.cpu.yaml"], CLIENT_REQUIRED)
+    assert "deploy" not in cpu_client["clientapp"]
+
+
+def test_each_systemd_supernode_instance_names_its_own_gpu() -> None:
+    """Without Docker the ClientApps inherit the SuperNode's environment: the per-instance env
+    file is where an instance's GPU is chosen, numbered as nvidia-smi numbers them."""
+    unit = (REPO / "docker" / "systemd" / "flower-supernode@.service").read_text()
+    assert "EnvironmentFile=/etc/pfedmma/supernode-%i.env" in unit
+    assert re.search(r"^Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID$", unit, re.MULTILINE), unit
+    template = (REPO / "docker" / "systemd" / "supernode.env").read_text()
+    assert re.search(r"^CUDA_VISIBLE_DEVICES=\S+$", template, re.MULTILINE), template

@@ -27,7 +27,8 @@ fi
 if ! docker info >/dev/null 2>&1; then
     say "starting dockerd (log: $log_dir/dockerd.log)"
     nohup dockerd --iptables=false --bridge=none >"$log_dir/dockerd.log" 2>&1 &
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    # Polled, up to 3 minutes: a loaded machine can take far longer than the usual seconds.
+    for _ in $(seq 180); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || { say "dockerd did not come up"; tail -20 "$log_dir/dockerd.log"; exit 1; }
 fi
 
