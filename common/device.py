@@ -160,6 +160,8 @@ def device_report(device: torch.device, chosen: Precision, deterministic: bool) 
     report: dict[str, str | float | int | bool] = {
         "type": device.type, "dtype": chosen.name, "deterministic": deterministic, "name": "cpu",
         "peak-memory-mb": 0.0, "torch": torch.__version__,
+        # The server repeats pick_device's warning in the run's own output, where people look.
+        "gpus-unused": device.type == "cpu" and gpu_hardware_visible(),
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

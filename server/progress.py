@@ -41,6 +41,7 @@ class RoundReporter:
         self.model_selection = model_selection
         self.started = self.last = time.monotonic()
         self.history: list[dict[str, Any]] = list(history or [])  # rounds completed before a resume
+        self.warned_gpus: set[int] = set()
 
     def end_round(self, loop_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if loop_round == 0:  # the state before the first round of this process
@@ -85,11 +86,21 @@ class RoundReporter:
         self.history.append(row)
         self.run_dir.append_round(row)
         print(_progress_line(row, self.num_rounds), flush=True)
+        self._warn_unused_gpus(stats.devices)
         failure = self.strategy.round_failure(server_round)
         if failure is not None:
             clients = dict(stats.permanent) or {f"node {k.split('#')[0]}": v for k, v in stats.rejected.items()}
             raise RunFailed(server_round, failure, clients)
         return None
+
+    def _warn_unused_gpus(self, devices: dict[int, dict[str, Any]]) -> None:
+        """Once per client: it trains on the CPU although its machine has GPUs (common.device)."""
+        new = sorted(c for c, d in devices.items() if d.get("gpus-unused") and c not in self.warned_gpus)
+        if new:
+            self.warned_gpus.update(new)
+            print(f"[pfedmma] WARNING: client(s) {', '.join(map(str, new))} run on the CPU although their machine has "
+                  "GPUs: give simulated clients a share (--federation-config \"... client-resources-num-gpus=0.25\"), "
+                  "or a deployment's clientapp a GPU", flush=True)
 
     def selected_round(self) -> int | None:
         """The round whose results are reported: the last full evaluation, or best mean val accuracy."""

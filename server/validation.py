@@ -75,8 +75,9 @@ def device_info(record: ConfigRecord | None) -> dict[str, str | float | bool]:
         value = record.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= MAX_MEMORY_MB:
             info[key] = float(value)
-    if isinstance(record.get("deterministic"), bool):
-        info["deterministic"] = bool(record["deterministic"])
+    for key in ("deterministic", "gpus-unused"):
+        if isinstance(record.get(key), bool):
+            info[key] = bool(record[key])
     return info
 
 

@@ -84,10 +84,23 @@ def test_determinism_flags_are_set_both_ways() -> None:
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cuda.matmul.allow_tf32
 
 
-def test_the_cpu_device_report() -> None:
+def test_the_cpu_device_report(monkeypatch: pytest.MonkeyPatch) -> None:
     report = dev.device_report(torch.device("cpu"), dev.FP32, False)
     assert (report["type"], report["dtype"], report["name"], report["peak-memory-mb"]) == ("cpu", "fp32", "cpu", 0.0)
-    ConfigRecord(report)  # only what a ConfigRecord carries
+    ConfigRecord(dict(report))  # only what a ConfigRecord carries
+    monkeypatch.setattr(dev, "gpu_hardware_visible", lambda: True)
+    assert dev.device_report(torch.device("cpu"), dev.FP32, False)["gpus-unused"] is True
+
+
+def test_the_run_output_warns_about_clients_that_left_their_gpus_unused(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.progress import RoundReporter
+
+    reporter = RoundReporter.__new__(RoundReporter)
+    reporter.warned_gpus = set()
+    reporter._warn_unused_gpus({0: {"type": "cpu", "gpus-unused": True}, 1: {"type": "cuda"}})
+    reporter._warn_unused_gpus({0: {"type": "cpu", "gpus-unused": True}})  # said once per client
+    out = capsys.readouterr().out
+    assert out.count("WARNING: client(s) 0 run on the CPU although their machine has GPUs") == 1
 
 
 @pytest.mark.parametrize(("clients", "gpus", "share"), [(4, 1, 0.25), (2, 1, 0.5), (1, 1, 1.0), (10, 1, 0.25), (8, 2, 0.25), (2, 4, 1.0), (3, 0, 0.0)])
@@ -109,6 +122,7 @@ def test_a_clients_device_report_is_bounded_before_it_is_recorded() -> None:
     })
     info = device_info(forged)
     assert set(info) == {"type", "dtype", "name", "peak-memory-mb", "deterministic"}  # inf and unknown keys dropped
+    assert device_info(ConfigRecord({"gpus-unused": True, "name": 5})) == {"gpus-unused": True}
     assert "\n" not in str(info["name"]) and len(str(info["name"])) == 64
     assert info["peak-memory-mb"] == 1234.5
     assert device_info(ConfigRecord({"peak-memory-mb": -1.0})) == {} and device_info(None) == {}
