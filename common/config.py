@@ -44,7 +44,7 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(3600.0, gt=0.0)  # seconds to wait for replies per round
     # Seconds the ServerApp waits for min-available-nodes nodes to connect before round 1; then it
     # stops, naming the nodes it saw (Flower itself would wait forever).
-    node_wait_timeout: float = Field(600.0, gt=0.0)
+    node_wait_timeout: float = Field(300.0, gt=0.0)
     seed: int = Field(0, ge=0)
     # method (docs/paper.md §5): a key of common.methods.METHODS
     method: str = "pfedmma"

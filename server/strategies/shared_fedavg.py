@@ -91,7 +91,7 @@ class SharedFedAvg(FedAvg):
         limits: ReplyLimits | None = None,
         combiner: Combiner | None = None,
         examples_cap: Callable[[int], tuple[int, str]] | None = None,
-        node_wait_timeout: float = 600.0,
+        node_wait_timeout: float = 300.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
