@@ -90,12 +90,12 @@ def test_private_state_survives_rounds_restart_and_starts_from_init(run_config, 
 
     job = ClientJob.from_context(context(run_config, 0, state=RecordDict()))
     assert job.load_state(initial[Role.SHARED]) == "disk"
-    assert all(torch.equal(v, stored[k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
+    assert all(torch.equal(v.cpu(), stored[k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
 
     # A client that never trained starts from the common initialisation.
     job = ClientJob.from_context(context(run_config, 2))
     assert job.load_state(initial[Role.SHARED]) == "init"
-    assert all(torch.equal(v, initial[Role.PRIVATE][k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
+    assert all(torch.equal(v.cpu(), initial[Role.PRIVATE][k]) for k, v in PFedMMA.roles.state(job.bundle.model, Role.PRIVATE).items())
 
 
 def test_evaluate_reply_has_metrics_only(run_config, initial) -> None:

@@ -139,7 +139,7 @@ def test_gate_is_private_and_learns_only_once_there_are_experts(run_config: dict
     assert set(second.content["arrays"]) == {KEY}
     assert leaked_rows(wire_bytes(second), gate) == []
     model = shared_model(cfg, pick_device()).model
-    assert all(torch.equal(v, gate[k]) for k, v in method.roles.state(model, Role.PRIVATE).items())
+    assert all(torch.equal(v.cpu(), gate[k]) for k, v in method.roles.state(model, Role.PRIVATE).items())
 
 
 def test_gate_dropout_draws_from_the_given_generator() -> None:
