@@ -27,6 +27,7 @@ from client.runtime import initial_private, pick_device, shard, shared_model
 from client.state_lock import exclusive
 from client.state_store import PrivateStateStore
 from client.trainer import class_features, evaluate, train
+from common import protocol as wire
 from common.arrays import from_record, to_record
 from common.config import NodeConfig, RunConfig
 from common.data.base import ClientData, EvalSet, SeededAugmentation
@@ -48,12 +49,9 @@ from common.seeds import sub_seed
 
 log = logging.getLogger(__name__)
 
-PRIVATE_SOURCES = ("init", "context", "disk")  # "context" (context.state) is no longer used: see state_store
 # Independent random streams of one (seed, client, round): the loader's order, the method's
 # own draws (dropout), the image augmentations.
 STREAMS = {"shuffle": 0, "method": 1, "augment": 2}
-SHARED_RECORD = "arrays"  # the record holding the shared tensors, in both directions
-DEVICE_RECORD = "device"  # where the client ran: type, GPU name, dtype, peak memory (common.device)
 AUTO_LOADER_WORKERS = 4  # with a GPU: decode and augment beside the training thread
 
 
@@ -137,19 +135,19 @@ class ClientJob:
 
 def _shared_arrays(msg: Message) -> ArrayRecord:
     records = msg.content.array_records
-    if SHARED_RECORD not in records:
-        raise ValueError(f"expected an ArrayRecord {SHARED_RECORD!r} of shared tensors, got {sorted(records)}")
-    return records[SHARED_RECORD]
+    if wire.SHARED not in records:
+        raise ValueError(f"expected an ArrayRecord {wire.SHARED!r} of shared tensors, got {sorted(records)}")
+    return records[wire.SHARED]
 
 
 def _step_inputs(msg: Message, job: ClientJob, server_round: int) -> StepInputs:
     """The message's extra tensor records (only those the method expects) and a seeded generator."""
-    extras = {name: record for name, record in msg.content.array_records.items() if name != SHARED_RECORD}
+    extras = {name: record for name, record in msg.content.array_records.items() if name != wire.SHARED}
     unexpected = sorted(set(extras) - set(job.method.extra_records))
     if unexpected:
         raise ValueError(
             f"method {job.method.name!r} takes records {list(job.method.extra_records)} besides "
-            f"{SHARED_RECORD!r}; the message also has {unexpected}"
+            f"{wire.SHARED!r}; the message also has {unexpected}"
         )
     generator = torch.Generator().manual_seed(job.seed(server_round, STREAMS["method"]))
     tensors = {name: from_record(record) for name, record in extras.items()}
@@ -177,7 +175,7 @@ def permanent_errors_replied(handler: Callable[[Message, Context], Message]) -> 
         except Exception as exc:
             if not isinstance(exc, PermanentError) and not is_disk_full(exc):
                 raise
-            partition = context.node_config.get("partition-id")
+            partition = context.node_config.get(wire.PARTITION_ID)
             reason = f"client {partition}: {one_line(exc)}" if partition is not None else one_line(exc)
             log.error("%s (permanent: the server stops the run after this round)", reason)
             return Message(Error(code=PERMANENT_ERROR_CODE, reason=reason), reply_to=msg)
@@ -192,23 +190,23 @@ def _one_writer(job: ClientJob, msg: Message, context: Context, final: bool) -> 
     if not initial_private(job.cfg):
         yield
         return
-    owners = frozenset(int(r) for r in str(_config(msg).get("state-owners", "")).split(",") if r.strip().isdigit())
+    owners = frozenset(int(r) for r in str(_config(msg).get(wire.STATE_OWNERS, "")).split(",") if r.strip().isdigit())
     with exclusive(job.store.lock_path, context.run_id, owners, 2 * job.cfg.round_timeout, release=final):
         yield
 
 
 def _config(msg: Message) -> dict:
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(wire.CONFIG)
     return dict(config) if config else {}
 
 
 def _round(msg: Message) -> int:
-    return int(_config(msg).get("server-round", 0))
+    return int(_config(msg).get(wire.SERVER_ROUND, 0))
 
 
 @permanent_errors_replied
 def train_handler(msg: Message, context: Context) -> Message:
-    job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
+    job = ClientJob.from_context(context, str(_config(msg).get(wire.STATE_NAMESPACE, "")))
     if not job.method.trains:
         raise ValueError(f"method {job.method.name!r} trains nothing; the server should not ask it to")
     with _one_writer(job, msg, context, final=False):
@@ -232,21 +230,21 @@ def _train(job: ClientJob, msg: Message) -> Message:
     # The reply is built from the shared role alone: private tensors never enter a Message.
     content = RecordDict(
         {
-            SHARED_RECORD: to_record(shared),
-            "metrics": MetricRecord(
+            wire.SHARED: to_record(shared),
+            wire.METRICS: MetricRecord(
                 {
-                    "num-examples": result.num_examples,
-                    "train-loss": result.loss,
-                    "train-accuracy": result.accuracy,
-                    "partition-id": job.node.partition_id,
-                    "num-partitions": job.node.num_partitions,
+                    wire.NUM_EXAMPLES: result.num_examples,
+                    wire.TRAIN_LOSS: result.loss,
+                    wire.TRAIN_ACCURACY: result.accuracy,
+                    wire.PARTITION_ID: job.node.partition_id,
+                    wire.NUM_PARTITIONS: job.node.num_partitions,
                     # Where the private tensors came from (0 init, 1 context.state, 2 disk):
                     # lets the server see a restarted node resume rather than re-initialise.
-                    "private-source": PRIVATE_SOURCES.index(source),
-                    "skipped-images": job.skipped_images,
+                    wire.PRIVATE_SOURCE: wire.PRIVATE_SOURCES.index(source),
+                    wire.SKIPPED_IMAGES: job.skipped_images,
                 }
             ),
-            DEVICE_RECORD: job.device_record(),
+            wire.DEVICE: job.device_record(),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -255,7 +253,7 @@ def _train(job: ClientJob, msg: Message) -> Message:
 @permanent_errors_replied
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Local accuracy every time; Base/Novel when the server asks for the full protocol."""
-    job = ClientJob.from_context(context, str(_config(msg).get("state-namespace", "")))
+    job = ClientJob.from_context(context, str(_config(msg).get(wire.STATE_NAMESPACE, "")))
     with _one_writer(job, msg, context, final=_round(msg) >= job.cfg.num_server_rounds):
         return _evaluate(job, msg)
 
@@ -264,10 +262,11 @@ def _evaluate(job: ClientJob, msg: Message) -> Message:
     job.load_state(from_record(_shared_arrays(msg)))
     server_round = _round(msg)
     inputs = _step_inputs(msg, job, server_round)
-    full = bool(_config(msg).get("full-eval", True))
+    full = bool(_config(msg).get(wire.FULL_EVAL, True))
     wanted = ("local", "val", "base", "novel") if full else ("local", "val")
     metrics = MetricRecord(
-        {"partition-id": job.node.partition_id, "num-partitions": job.node.num_partitions, "skipped-images": job.skipped_images}
+        {wire.PARTITION_ID: job.node.partition_id, wire.NUM_PARTITIONS: job.node.num_partitions,
+         wire.SKIPPED_IMAGES: job.skipped_images}
     )
     # One classifier and one set of text features per class list (Local, Val and Base share the
     # training classes), from this client's current state.
@@ -283,25 +282,25 @@ def _evaluate(job: ClientJob, msg: Message) -> Message:
         classifier, text = classifiers[key]
         batches = job.eval_batches(eval_set.dataset, server_round)
         result = evaluate(classifier, batches, job.device, job.precision, text)
-        metrics[f"{name}-accuracy"] = result.accuracy
+        metrics[wire.accuracy_key(name)] = result.accuracy
         if name == "base" and result.hits is not None:  # Base = own classes (Local) + other clients' classes
             other = _other_classes(eval_set, job.data.own_classes)
             if other.any():
-                metrics["base-other-accuracy"] = result.hits[other].float().mean().item()
+                metrics[wire.accuracy_key("base-other")] = result.hits[other].float().mean().item()
         if name == "local":
-            metrics["local-loss"] = result.loss
-            metrics["num-examples"] = result.num_examples
-    content = RecordDict({"metrics": metrics, DEVICE_RECORD: job.device_record()})
+            metrics[wire.LOCAL_LOSS] = result.loss
+            metrics[wire.NUM_EXAMPLES] = result.num_examples
+    content = RecordDict({wire.METRICS: metrics, wire.DEVICE: job.device_record()})
     if job.data.domain is not None:
-        content["client"] = ConfigRecord({"domain": job.data.domain})
+        content[wire.CLIENT] = ConfigRecord({wire.DOMAIN: job.data.domain})
     return Message(content=content, reply_to=msg)
 
 
 def query_handler(msg: Message, context: Context) -> Message:
     """Which client this node is: servers that address clients individually map node ids with it."""
     node = NodeConfig.from_flower(context.node_config)
-    metrics = MetricRecord({"partition-id": node.partition_id, "num-partitions": node.num_partitions})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({wire.PARTITION_ID: node.partition_id, wire.NUM_PARTITIONS: node.num_partitions})
+    return Message(content=RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
 HANDLERS = {"train": train_handler, "evaluate": evaluate_handler, "query": query_handler}

@@ -40,12 +40,13 @@ from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdap
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_stdv
 
+from common import protocol as wire
 from common.config import DP_CLIENT_SIDE, RunConfig
 
 log = logging.getLogger(__name__)
 
 WEIGHT = "weight"  # the ballot's weight key
-BALLOT = "arrays"
+BALLOT = wire.SHARED  # a ballot is laid out as a training reply, for Flower's rules
 CLIPPING_NORM_KEY = KEY_CLIPPING_NORM  # the config key that asks a client to clip (Flower's name)
 NORM_BIT_KEY = KEY_NORM_BIT  # the ballot metric the adaptive wrapper counts (here: "within the clip")
 
@@ -221,7 +222,7 @@ class Combiner:
             metrics: dict[str, int | float | list[int] | list[float]] = {WEIGHT: 1 if self.privacy else int(weight)}
             if unclipped is not None:
                 metrics[NORM_BIT_KEY] = int(unclipped)
-            content = RecordDict({BALLOT: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)})
+            content = RecordDict({BALLOT: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}), wire.METRICS: MetricRecord(metrics)})
             # The reply's own metadata: an instruction would need a run context this code may lack.
             out.append(Message(content=content, metadata=copy.copy(msg.metadata)))  # type: ignore[call-overload]
         return out

@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
-
-PRIVATE_SOURCES = ("init", "context", "disk")  # the client's encoding of "private-source"
-MAX_IDENTIFIER = 2**31 - 1  # partition ids and counts a client reports are read up to this
-
-
-def scalar(metrics: MetricRecord, key: str) -> float | None:
-    """A reported number, or None when absent or not a scalar (lists are allowed in records)."""
-    value = metrics.get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def identifier(metrics: MetricRecord, key: str) -> int | None:
-    """A reported id or count (partition id, number of partitions, private source): an integral,
-    non-negative, bounded number, else None. A client's ``inf`` or ``1.5`` must not reach ``int()``."""
-    value = scalar(metrics, key)
-    if value is None or not math.isfinite(value) or value != int(value) or not 0 <= value <= MAX_IDENTIFIER:
-        return None
-    return int(value)
+from flwr.app import Message, RecordDict
 
 
 def array_floats(content: RecordDict) -> int:

@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common import protocol as wire
 
 DEFAULT_MAX_EXAMPLES = 1_000_000  # the cap when the server cannot read the partition
 
@@ -49,14 +51,12 @@ def metrics_problem(metrics: MetricRecord) -> str | None:
                 continue
             if not math.isfinite(v):
                 return f"{key}={v!r}; expected a finite number"
-            if key.endswith("-accuracy") and not 0.0 <= v <= 1.0:
+            if key.endswith(wire.ACCURACY_SUFFIX) and not 0.0 <= v <= 1.0:
                 return f"{key}={v!r}; expected an accuracy in [0, 1]"
     return None
 
 
-# What a client may say about its device (common.device.device_report), and how much of it is kept.
-DEVICE_TEXT = ("type", "dtype", "name", "capability", "torch", "cuda")
-DEVICE_NUMBERS = ("peak-memory-mb", "total-memory-mb")
+# How much of a client's device report (common.device.device_report) is kept.
 MAX_DEVICE_TEXT = 64
 MAX_MEMORY_MB = 2.0**30  # a petabyte: anything larger is not a memory figure
 
@@ -67,15 +67,15 @@ def device_info(record: ConfigRecord | None) -> dict[str, str | float | bool]:
     if record is None:
         return {}
     info: dict[str, str | float | bool] = {}
-    for key in DEVICE_TEXT:
+    for key in wire.DEVICE_TEXT:
         value = record.get(key)
         if isinstance(value, str):
             info[key] = re.sub(r"[^\x20-\x7e]", "?", value[:MAX_DEVICE_TEXT])  # no newline can forge a log line
-    for key in DEVICE_NUMBERS:
+    for key in wire.DEVICE_NUMBERS:
         value = record.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= MAX_MEMORY_MB:
             info[key] = float(value)
-    for key in ("deterministic", "gpus-unused"):
+    for key in wire.DEVICE_FLAGS:
         if isinstance(record.get(key), bool):
             info[key] = bool(record[key])
     return info
@@ -92,21 +92,35 @@ def count_problem(value: object, key: str, cap: int) -> str | None:
     return None
 
 
+def _names(keys: object) -> str:
+    """A client's record names as a bounded text: a few of them, each cut short."""
+    names = [str(k)[:40] for k in list(keys)[:3]]  # type: ignore[call-overload]
+    return repr(names)
+
+
+def training_records(content: RecordDict) -> tuple[ArrayRecord, MetricRecord] | str:
+    """The shared tensors and the metrics of a training reply, read by the contract's names
+    (``common.protocol``): exactly one ArrayRecord named SHARED and one MetricRecord named METRICS;
+    else why not."""
+    if list(content.array_records) != [wire.SHARED]:
+        return f"expected one ArrayRecord named {wire.SHARED!r}, got {_names(content.array_records)}"
+    if list(content.metric_records) != [wire.METRICS]:
+        return f"expected one MetricRecord named {wire.METRICS!r}, got {_names(content.metric_records)}"
+    return content.array_records[wire.SHARED], content.metric_records[wire.METRICS]
+
+
 def reply_problem(
-    msg: Message, expected: Mapping[str, TensorSpec], weight_key: str = "num-examples", limits: ReplyLimits | None = None
+    msg: Message, expected: Mapping[str, TensorSpec], weight_key: str = wire.NUM_EXAMPLES, limits: ReplyLimits | None = None
 ) -> str | None:
     """Why ``msg`` must not be aggregated, or None when it is valid (the update norm is checked
     separately, against the global state: :func:`update_norm`)."""
     limits = limits or ReplyLimits()
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
-    content = msg.content
-    if len(content.array_records) != 1:
-        return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
-    if len(content.metric_records) != 1:
-        return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
-    arrays = next(iter(content.array_records.values()))
-    metrics = next(iter(content.metric_records.values()))
+    records = training_records(msg.content)
+    if isinstance(records, str):
+        return records
+    arrays, metrics = records
     problem = count_problem(metrics.get(weight_key), weight_key, limits.max_examples) or metrics_problem(metrics)
     if problem:
         return problem

@@ -235,3 +235,21 @@ def test_the_average_is_bit_identical_whatever_order_replies_arrive_in(strategy:
         results.append({k: v.numpy() for k, v in arrays.items()})
     for other in results[1:]:
         assert all(np.array_equal(results[0][k], other[k]) for k in SHAPES)
+
+
+@pytest.mark.parametrize("rename", ["metrics", "arrays"])
+def test_a_reply_is_read_by_the_contracts_record_names(strategy: SharedFedAvg, rename: str) -> None:
+    """A record under another name than common.protocol's is rejected with a bounded reason; it used
+    to pass validation (records read by position) and then crash the ServerApp (read by name)."""
+    from common import protocol as wire
+
+    rng = np.random.default_rng(0)
+    good = _reply(11, _arrays(rng))
+    odd = _reply(12, _arrays(rng))
+    assert rename in (wire.METRICS, wire.SHARED)
+    name = "x" * 100_000 + "\n[pfedmma] round 5/5 forged"
+    content = RecordDict({(name if k == rename else k): v for k, v in odd.content.items()})
+    arrays, _ = strategy.aggregate_train(1, [good, Message(content=content, metadata=_metadata(12))])
+    assert arrays is not None  # the valid reply alone was averaged; nothing raised
+    (reason,) = strategy.stats(1).rejected.values()
+    assert f"named {rename!r}" in reason and len(reason) < 300 and "\n" not in reason.replace("\\n", "")

@@ -27,8 +27,7 @@ from common.model.clip import ModelDims, model_dims
 from common.model.gate import ExpertGate, pool_stride, pooled_dim
 from common.model.prompts import ContextVectors
 from common.model.roles import Role, Roles
-
-EXPERTS = "experts"  # the message record holding the non-local prompts, keyed "client-<id>"
+from common.protocol import EXPERTS
 
 
 class MoAPModules(nn.Module):

@@ -22,9 +22,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 
+from common import protocol as wire
 from common.config import RunConfig
-from common.methods.pfedmoap import EXPERTS
-from server.round_stats import identifier
+from common.protocol import EXPERTS, identifier
 from server.strategies.shared_fedavg import SharedFedAvg
 
 
@@ -68,12 +68,12 @@ class PFedMoAPStrategy(SharedFedAvg):
         if not unknown or not self.bank:
             return
         queries = [
-            Message(RecordDict({"config": ConfigRecord(dict(self.client_config))}), dst_node_id=n, message_type=MessageType.QUERY)
+            Message(RecordDict({wire.CONFIG: ConfigRecord(dict(self.client_config))}), dst_node_id=n, message_type=MessageType.QUERY)
             for n in unknown
         ]
         for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
-            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
-            client = None if metrics is None else identifier(metrics, "partition-id")
+            metrics = None if reply.has_error() else reply.content.metric_records.get(wire.METRICS)
+            client = None if metrics is None else identifier(metrics, wire.PARTITION_ID)
             if client is not None:
                 self.partition_of[reply.metadata.src_node_id] = client
 
@@ -96,7 +96,7 @@ class PFedMoAPStrategy(SharedFedAvg):
             self.sent_experts.setdefault((server_round, training), {})[client] = chosen
         records = dict(msg.content.items())
         if not training and client in self.bank:  # evaluate the client's own latest prompt
-            records["arrays"] = ArrayRecord({self.prompt_key: Array(self.bank[client])})
+            records[wire.SHARED] = ArrayRecord({self.prompt_key: Array(self.bank[client])})
         records[EXPERTS] = ArrayRecord({f"client-{p}": Array(self.bank[p]) for p in chosen})
         return Message(
             content=RecordDict(records), dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type
@@ -107,7 +107,7 @@ class PFedMoAPStrategy(SharedFedAvg):
         for msg in accepted:
             client = self.partition_of.get(msg.metadata.src_node_id)
             if client is not None:
-                self.bank[client] = msg.content.array_records["arrays"][self.prompt_key].numpy().copy()
+                self.bank[client] = msg.content.array_records[wire.SHARED][self.prompt_key].numpy().copy()
 
     def round_record(self, server_round: int) -> dict[str, object]:
         """Which experts each client was sent this round, for metrics.jsonl."""

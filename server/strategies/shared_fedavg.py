@@ -17,13 +17,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common import protocol as wire
 from common.config import RunConfig
 from common.errors import PERMANENT_ERROR_CODE
 from common.metrics import summarize
+from common.protocol import identifier, scalar
 from common.seeds import sub_seed
 from server.aggregation import Combiner
 from server.node_wait import wait_for_nodes
-from server.round_stats import PRIVATE_SOURCES, RoundStats, identifier, scalar
+from server.round_stats import RoundStats
 from server.validation import (
     ReplyLimits,
     TensorSpec,
@@ -42,18 +44,17 @@ log = logging.getLogger(__name__)
 # Identifiers and per-client counts, not quantities to average.
 MAX_REASON = 2000  # characters of a client's error reason that are kept
 MAX_DOMAIN = 100  # characters of a client's reported domain name that are kept
-PER_CLIENT_KEYS = ("partition-id", "num-partitions", "private-source", "skipped-images")
 
 
 def _mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted mean of every reported metric except identifiers (the records are
     validated replies: finite numbers, counts within the cap)."""
-    weights = [scalar(next(iter(r.metric_records.values())), weight_key) or 0.0 for r in records]
+    weights = [scalar(r.metric_records[wire.METRICS], weight_key) or 0.0 for r in records]
     total = sum(weights)
     sums: dict[str, float] = {}
     for record, w in zip(records, weights, strict=True):
-        for key, value in next(iter(record.metric_records.values())).items():
-            if key in PER_CLIENT_KEYS or key == weight_key or isinstance(value, bool) or not isinstance(value, (int, float)):
+        for key, value in record.metric_records[wire.METRICS].items():
+            if key in wire.PER_CLIENT_KEYS or key == weight_key or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             sums[key] = sums.get(key, 0.0) + float(value) * w / total
     return MetricRecord({**sums, weight_key: int(total)})
@@ -159,30 +160,30 @@ class SharedFedAvg(FedAvg):
 
     def note_client(self, msg: Message, metrics: MetricRecord, stats: RoundStats) -> int | None:
         """Record which partition a reply's node is and how many partitions it counts; its partition id."""
-        client, partitions = identifier(metrics, "partition-id"), identifier(metrics, "num-partitions")
+        client, partitions = identifier(metrics, wire.PARTITION_ID), identifier(metrics, wire.NUM_PARTITIONS)
         if client is not None:
             self.partition_of[msg.metadata.src_node_id] = client
         if partitions is not None:
             stats.num_partitions.add(partitions)
         key = client if client is not None else msg.metadata.src_node_id
-        skipped = identifier(metrics, "skipped-images")
+        skipped = identifier(metrics, wire.SKIPPED_IMAGES)
         if skipped:
             stats.skipped_images[key] = skipped
-        device = device_info(msg.content.config_records.get("device"))
+        device = device_info(msg.content.config_records.get(wire.DEVICE))
         if device:  # a training and an evaluation reply of one round: the larger peak is kept
             known = stats.devices.get(key, {})
-            peak = max(float(known.get("peak-memory-mb", 0.0)), float(device.get("peak-memory-mb", 0.0)))
-            stats.devices[key] = {**device, "peak-memory-mb": peak} if "peak-memory-mb" in device else device
+            peak = max(float(known.get(wire.PEAK_MEMORY, 0.0)), float(device.get(wire.PEAK_MEMORY, 0.0)))
+            stats.devices[key] = {**device, wire.PEAK_MEMORY: peak} if wire.PEAK_MEMORY in device else device
         return client
 
     def record_accepted(self, server_round: int, accepted: list[Message]) -> None:
         """Bookkeeping of the valid training replies of a round, before they are averaged."""
         stats = self.stats(server_round)
         for msg in accepted:
-            reported = msg.content.metric_records["metrics"]
-            client, source = self.note_client(msg, reported, stats), identifier(reported, "private-source")
-            if source is not None and source < len(PRIVATE_SOURCES):
-                stats.private_sources[client if client is not None else -1] = PRIVATE_SOURCES[source]
+            reported = msg.content.metric_records[wire.METRICS]  # present: the reply was screened
+            client, source = self.note_client(msg, reported, stats), identifier(reported, wire.PRIVATE_SOURCE)
+            if source is not None and source < len(wire.PRIVATE_SOURCES):
+                stats.private_sources[client if client is not None else -1] = wire.PRIVATE_SOURCES[source]
             # Keyed as evaluations are: by partition id, by node id when none was reported.
             self.trained.add(client if client is not None else msg.metadata.src_node_id)
 
@@ -254,7 +255,7 @@ class SharedFedAvg(FedAvg):
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, training: bool, nodes: list[int] | None = None) -> list[Message]:
         nodes = self.sample(grid, server_round, training) if nodes is None else nodes
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(config), "server-round": server_round})})
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(config), wire.SERVER_ROUND: server_round})})
         kind = MessageType.TRAIN if training else MessageType.EVALUATE
         return [self.personalise(Message(content=content, message_type=kind, dst_node_id=node), server_round, training) for node in nodes]
 
@@ -262,8 +263,8 @@ class SharedFedAvg(FedAvg):
         """Replies sorted by partition id (node id when unknown): a float sum depends on its
         order, and replies arrive in whatever order clients finish."""
         def key(msg: Message) -> tuple[int, int]:
-            metrics = msg.content.metric_records.get("metrics")
-            client = identifier(metrics, "partition-id") if metrics is not None else None
+            metrics = msg.content.metric_records.get(wire.METRICS)
+            client = identifier(metrics, wire.PARTITION_ID) if metrics is not None else None
             return (client if client is not None else -1, msg.metadata.src_node_id)
 
         return sorted(replies, key=key)
@@ -297,14 +298,14 @@ class SharedFedAvg(FedAvg):
         problem = reply_problem(msg, self.shared_specs, self.weighted_by_key, self.limits)
         if problem is not None:
             return None, problem, None
-        arrays = _numpy(next(iter(msg.content.array_records.values())))
+        arrays = _numpy(msg.content.array_records[wire.SHARED])  # present: reply_problem checked the names
         if not self.global_arrays:  # no reference (unit use): nothing to bound against
             return arrays, None, None
         stats, node = self.stats(server_round), self.sender(msg)
         norm, reference = update_norm(arrays, self.global_arrays), stats.global_norm or 0.0
         # Keyed as the communication figures are: by the partition id the (validated) reply
         # reports, the node id otherwise; node ids differ from one deployment to the next.
-        client = identifier(next(iter(msg.content.metric_records.values())), "partition-id")
+        client = identifier(msg.content.metric_records[wire.METRICS], wire.PARTITION_ID)
         label = str(client) if client is not None else f"node-{node}"
         stats.update_norms[label] = norm
         bound = self.limits.update_norm_bound * reference
@@ -316,8 +317,7 @@ class SharedFedAvg(FedAvg):
             log.warning("round %d: %s: %s; clipped to %.4g (update-norm-action=clip)", server_round, self.who(node), ratio, bound)
             arrays, norm = clip_update(arrays, self.global_arrays, bound), bound
             # Whatever else reads the reply (pFedMoAP's prompt bank) sees the clipped tensors too.
-            key = next(iter(msg.content.array_records))
-            msg.content[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+            msg.content[wire.SHARED] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         privacy = self.combiner.privacy
         if privacy is None:
             return arrays, None, None
@@ -361,7 +361,7 @@ class SharedFedAvg(FedAvg):
             return None, None
         metrics = _mean_metrics([m.content for m in accepted], self.weighted_by_key)
         stats.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        weights = [int(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in accepted]  # type: ignore[arg-type]
+        weights = [int(m.content.metric_records[wire.METRICS][self.weighted_by_key]) for m in accepted]  # type: ignore[arg-type]
         ballots = self.combiner.ballots((m, screened[id(m)][0], w, screened[id(m)][1]) for m, w in zip(accepted, weights, strict=True))
         combined = self.combiner.combine(server_round, ballots)
         if combined is None:
@@ -377,7 +377,7 @@ class SharedFedAvg(FedAvg):
         full = self.is_full_eval_round(server_round)
         stats = self.stats(server_round)
         stats.full_eval = full
-        config = ConfigRecord({**dict(config), **self.client_config, "full-eval": full})
+        config = ConfigRecord({**dict(config), **self.client_config, wire.FULL_EVAL: full})
         messages = self._messages(server_round, arrays, config, grid, training=False)
         stats.sampled_evaluate = len(messages)
         stats.count_sent(messages)
@@ -394,8 +394,8 @@ class SharedFedAvg(FedAvg):
                 self.note_error(server_round, msg)
                 continue
             stats.count_received(msg)
-            metrics = msg.content.metric_records.get("metrics")
-            if metrics is None or "local-accuracy" not in metrics:
+            metrics = msg.content.metric_records.get(wire.METRICS)
+            if metrics is None or wire.accuracy_key("local") not in metrics:
                 log.warning("round %d: node %d sent no local-accuracy", server_round, msg.metadata.src_node_id)
                 continue
             problem = metrics_problem(metrics)
@@ -406,16 +406,16 @@ class SharedFedAvg(FedAvg):
             partition_id = self.note_client(msg, metrics, stats)
             client = partition_id if partition_id is not None else msg.metadata.src_node_id
             stats.evaluation[client] = {
-                key.removesuffix("-accuracy"): float(value)
+                key.removesuffix(wire.ACCURACY_SUFFIX): float(value)
                 for key, value in metrics.items()
-                if key.endswith("-accuracy") and isinstance(value, (int, float))
+                if key.endswith(wire.ACCURACY_SUFFIX) and isinstance(value, (int, float))
             }
-            info = msg.content.config_records.get("client")
-            if info is not None and "domain" in info:
-                stats.domains[client] = str(info["domain"])[:MAX_DOMAIN]  # a client's text, bounded like its errors
+            info = msg.content.config_records.get(wire.CLIENT)
+            if info is not None and wire.DOMAIN in info:
+                stats.domains[client] = str(info[wire.DOMAIN])[:MAX_DOMAIN]  # a client's text, bounded like its errors
             if self.trains and client not in self.trained:
                 stats.excluded[client] = "never trained in this run"
         if not stats.counted:
             return None
         means = summarize(stats.counted)
-        return MetricRecord({**{k if k.startswith("hm") else f"{k}-accuracy": v for k, v in means.items()}, "num-clients": len(stats.counted)})
+        return MetricRecord({**{k if k.startswith("hm") else wire.accuracy_key(k): v for k, v in means.items()}, "num-clients": len(stats.counted)})
