@@ -78,7 +78,32 @@ def flwr_run_until(flwr_home: Path, run_config: str, supernodes: int, marker: st
         proc.kill()
         rest, _ = proc.communicate()
     _wait_until_finished(run_id, env, timeout=180)
+    _wait_until_serverapp_exits(flwr_home, timeout=180)
     return run_id, "".join(lines) + (rest or "")
+
+
+def _serverapps_under(flwr_home: Path) -> list[int]:
+    """Pids of `flwr-serverapp` processes started for this home (their environment names it)."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"flwr-serverapp" in (proc / "cmdline").read_bytes() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_until_serverapp_exits(flwr_home: Path, timeout: float) -> None:
+    """After `flwr stop` the SuperLink says "finished:stopped" at once, but the ServerApp process
+    learns of it only at its next exchange with the SuperLink and can meanwhile finish more
+    rounds (fast ones, here) and write to its run directory: wait (bounded) until it is gone."""
+    deadline = time.monotonic() + timeout
+    while _serverapps_under(flwr_home) and time.monotonic() < deadline:
+        time.sleep(1)
 
 
 def _wait_until_finished(run_id: str, env: dict[str, str], timeout: float) -> None:
