@@ -30,11 +30,10 @@ from flwr.common import serde
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from client import runtime, work
-from client.warm import HEADER, recv_frame, send_frame
+from client.warm import DEFAULT_GPU_IDLE_SECONDS, HEADER, recv_frame, send_frame
 
 log = logging.getLogger("client.worker")
 POLL_SECONDS = 2.0  # how often an idle worker checks its idle time and the watched process
-DEFAULT_GPU_IDLE = 120.0  # seconds before the node's GPU holder releases its GPU memory
 HOLDER_FILE = "gpu-holder"
 
 
@@ -107,7 +106,7 @@ def main() -> None:
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--idle", type=float, default=300.0, help="exit after this many seconds without a message")
     parser.add_argument("--watch-pid", type=int, default=0, help="exit when this process is gone (the SuperNode's side)")
-    parser.add_argument("--gpu-idle", type=float, default=DEFAULT_GPU_IDLE,
+    parser.add_argument("--gpu-idle", type=float, default=DEFAULT_GPU_IDLE_SECONDS,
                         help="release GPU memory after this many seconds without a message")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

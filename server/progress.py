@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from common.arrays import from_record
 from common.metrics import per_domain_means, summarize
+from server.round_stats import client_order, merge_device
 from server.run_dir import RunDirectory
 from server.strategies import SharedFedAvg
 
@@ -205,9 +206,8 @@ def _devices(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     devices: dict[str, dict[str, Any]] = {}
     for row in history:
         for client, report in row.get("device", {}).items():
-            peak = max(devices.get(client, {}).get("peak-memory-mb", 0.0), report.get("peak-memory-mb", 0.0))
-            devices[client] = {**report, "peak-memory-mb": peak}
-    return dict(sorted(devices.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else kv[0])))
+            devices[client] = merge_device(devices.get(client, {}), report)
+    return dict(sorted(devices.items(), key=lambda kv: client_order(kv[0])))
 
 
 def _skipped_images(history: list[dict[str, Any]]) -> dict[str, int]:

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
+
+from common import protocol as wire
 
 
 def array_floats(content: RecordDict) -> int:
     """Number of tensor values (floats) in a message's array records."""
     return sum(int(np.prod(a.shape)) for record in content.array_records.values() for a in record.values())
+
+
+def client_order(key: str) -> tuple[bool, int | str]:
+    """Sort key of per-client tables: partition ids in number order, then "node-N" keys."""
+    return (not key.isdigit(), int(key) if key.isdigit() else key)
+
+
+def merge_device(known: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
+    """A client's newer device report, keeping the larger peak memory of the two."""
+    peaks = [float(r[wire.PEAK_MEMORY]) for r in (known, report) if wire.PEAK_MEMORY in r]
+    return {**report, wire.PEAK_MEMORY: max(peaks)} if peaks else dict(report)
 
 
 @dataclass
@@ -76,7 +90,7 @@ class RoundStats:
             cell = out.setdefault(key, {"floats-down": 0, "floats-up": 0})
             cell["floats-down"] += self.floats_down.get(node, 0)
             cell["floats-up"] += self.floats_up.get(node, 0)
-        return dict(sorted(out.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else kv[0])))
+        return dict(sorted(out.items(), key=lambda kv: client_order(kv[0])))
 
     @property
     def local_accuracy(self) -> dict[int, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,10 +92,9 @@ def count_problem(value: object, key: str, cap: int) -> str | None:
     return None
 
 
-def _names(keys: object) -> str:
+def _names(keys: Iterable[str]) -> str:
     """A client's record names as a bounded text: a few of them, each cut short."""
-    names = [str(k)[:40] for k in list(keys)[:3]]  # type: ignore[call-overload]
-    return repr(names)
+    return repr([str(k)[:40] for k in list(keys)[:3]])
 
 
 def training_records(content: RecordDict) -> tuple[ArrayRecord, MetricRecord] | str:

@@ -25,7 +25,7 @@ from common.protocol import identifier, scalar
 from common.seeds import sub_seed
 from server.aggregation import Combiner
 from server.node_wait import wait_for_nodes
-from server.round_stats import RoundStats
+from server.round_stats import RoundStats, merge_device
 from server.validation import (
     ReplyLimits,
     TensorSpec,
@@ -171,9 +171,7 @@ class SharedFedAvg(FedAvg):
             stats.skipped_images[key] = skipped
         device = device_info(msg.content.config_records.get(wire.DEVICE))
         if device:  # a training and an evaluation reply of one round: the larger peak is kept
-            known = stats.devices.get(key, {})
-            peak = max(float(known.get(wire.PEAK_MEMORY, 0.0)), float(device.get(wire.PEAK_MEMORY, 0.0)))
-            stats.devices[key] = {**device, wire.PEAK_MEMORY: peak} if wire.PEAK_MEMORY in device else device
+            stats.devices[key] = merge_device(stats.devices.get(key, {}), device)
         return client
 
     def record_accepted(self, server_round: int, accepted: list[Message]) -> None:
