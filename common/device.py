@@ -29,8 +29,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Clients sharing one GPU when the share is chosen automatically: a ViT-B/16 client holds about
-# 1.5 GB (fp32 backbone) plus its activations and evaluation cache, so four fit on a 16 GB card.
+# Clients sharing one GPU when the share is chosen automatically. An estimate, not measured on a GPU:
+# a ViT-B/16 client holds its fp32 backbone (0.6 GB), its activations and its evaluation cache, so
+# four should fit on a 16 GB card (scripts/gpu_check.sh measures a step's peak memory).
 CLIENTS_PER_GPU = 4
 # cuBLAS needs a fixed workspace for deterministic results (PyTorch's reproducibility notes).
 CUBLAS_WORKSPACE = ":4096:8"
